@@ -1,0 +1,743 @@
+"""An smux session: one transport, many streams.
+
+Tasks (threads or greenlets, from the runtime):
+
+* the **reader** reads the transport into one reusable buffer, parses every
+  complete frame in it and hands each to one handler per command. It is the
+  only place that decides what the peer may do. When the unread total passes
+  ``max_receive_buffer`` it stops reading until applications catch up (Go's
+  token bucket).
+* the **writer** writes queued control frames (SYN, FIN, UPD, NOP) when no one
+  else is writing, and runs the keepalive clock.
+
+Writing data needs no hand-off: the calling thread takes the transport, flushes
+queued control frames first, writes one frame with one ``sendmsg`` and gives the
+transport to the next waiting stream (first come, first served: a stream with
+more to send queues again at the back, which makes writers share the transport
+frame by frame). Control frames wait behind at most the frame being written.
+
+Everything is guarded by one session lock; I/O happens outside it.
+"""
+
+from __future__ import annotations
+
+import errno
+import logging
+import socket
+import ssl
+from collections import deque
+from typing import Any, Callable, Union
+
+from .config import Config
+from .errors import ProtocolError, SessionClosedError, SmuxError, StreamResetError
+from .frame import (
+    CMD_FIN,
+    CMD_NAMES,
+    CMD_NOP,
+    CMD_PSH,
+    CMD_SYN,
+    CMD_UPD,
+    HEADER,
+    HEADER_SIZE,
+    MAX_PAYLOAD,
+    UPD,
+    encode_header,
+    encode_upd,
+)
+from .runtime import Runtime, get_runtime
+from .stream import (
+    RECV_EOF,
+    RECV_OPEN,
+    RECV_RESET,
+    RECV_SHUT,
+    SEND_OPEN,
+    SEND_RESET,
+    SEND_SHUT,
+    Stream,
+)
+
+__all__ = ["Session", "client", "server"]
+
+log = logging.getLogger("pysmux")
+
+_MASK = 0xFFFFFFFF
+_MAX_WINDOW = 2**31 - 1
+#: Read buffer; the unparsed tail is moved to the front once less than a
+#: whole maximal frame fits behind it.
+_READ_BUFFER = 256 * 1024
+_MAX_FRAME = HEADER_SIZE + MAX_PAYLOAD
+#: A dropped PSH shorter than this counts as junk: it costs the peer little.
+_CHEAP_PAYLOAD = 512
+#: How long close() lets queued control frames (such as FINs) reach the wire.
+_CLOSE_FLUSH_SECONDS = 0.5
+#: How long close() waits for the session's own tasks to end.
+_JOIN_SECONDS = 5.0
+
+_ControlItem = Union[bytes, Stream]  # a whole frame, or a stream that owes an UPD
+
+
+class Session:
+    """One smux session over a connected socket-like transport.
+
+    The session owns the transport: ``close()`` closes it. Create one with
+    :func:`pysmux.client` or :func:`pysmux.server`.
+    """
+
+    def __init__(
+        self,
+        sock: Any,
+        *,
+        is_client: bool,
+        config: Config | None = None,
+        runtime: str | Runtime | None = None,
+    ) -> None:
+        self._config = cfg = config if config is not None else Config()
+        if not isinstance(cfg, Config):
+            raise TypeError(f"config must be a pysmux.Config, not {type(cfg).__name__}")
+        self._runtime = rt = get_runtime(runtime)
+        rt.check_transport(sock)
+        self._sock = sock
+        self._version = cfg.version
+        self._is_client = is_client
+        self._default_timeout: float | None = None
+        self._lock = lock = rt.lock()
+
+        self._streams: dict[int, Stream] = {}
+        # Go's first ids: client 3, server 2.
+        self._next_id = 3 if is_client else 2
+        self._accept_queue: deque[Stream] = deque()
+        self._accept_cond = rt.condition(lock)
+        self._closed = False
+        self._error: SmuxError | None = None
+
+        # Receive side.
+        self._buffered = 0
+        self._reader_paused = False
+        self._reader_cond = rt.condition(lock)
+        self._last_rx = rt.monotonic()
+        self._junk = 0
+        self._junk_since = rt.monotonic()
+        self._dropped_frames = 0
+        self._refused_streams = 0
+
+        # Send side.
+        self._tx_busy = False
+        self._tx_waiters: deque[Stream] = deque()
+        self._control: deque[_ControlItem] = deque()
+        # Control frames queued / taken for writing / known written, as counts:
+        # close() waits until what was queued before it is written.
+        self._control_queued = 0
+        self._control_taken = 0
+        self._control_written = 0
+        self._nop_queued = False
+        self._refusals_queued = 0
+        self._writer_cond = rt.condition(lock)
+        self._idle_cond = rt.condition(lock)
+        self._sendmsg: Callable[[list[Any]], int] | None = None
+        if not isinstance(sock, ssl.SSLSocket) and hasattr(sock, "sendmsg"):
+            self._sendmsg = sock.sendmsg
+
+        self._prepare_transport(sock)
+        self._handlers: dict[int, Callable[[int, memoryview], None]] = {
+            CMD_SYN: self._on_syn,
+            CMD_FIN: self._on_fin,
+            CMD_PSH: self._on_psh,
+            CMD_NOP: self._on_nop,
+            CMD_UPD: self._on_upd,
+        }
+        role = "client" if is_client else "server"
+        self._reader = rt.spawn(self._read_loop, f"pysmux-{role}-reader")
+        self._writer = rt.spawn(self._write_loop, f"pysmux-{role}-writer")
+
+    @staticmethod
+    def _prepare_transport(sock: Any) -> None:
+        # The session blocks on the transport itself; a socket timeout would look
+        # like a transport failure. Small frames must not wait for Nagle.
+        settimeout = getattr(sock, "settimeout", None)
+        if settimeout is not None:
+            settimeout(None)
+        family = getattr(sock, "family", None)
+        if family in (socket.AF_INET, socket.AF_INET6):
+            try:
+                sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+            except OSError:  # pragma: no cover - not every AF_INET socket is TCP
+                pass
+
+    def __repr__(self) -> str:
+        role = "client" if self._is_client else "server"
+        state = "closed" if self._closed else "open"
+        return f"<pysmux.Session {role} v{self._version} {state} streams={len(self._streams)}>"
+
+    # -- public API ------------------------------------------------------------------
+
+    @property
+    def config(self) -> Config:
+        return self._config
+
+    @property
+    def closed(self) -> bool:
+        """True once the session has ended, for whatever reason."""
+        return self._closed
+
+    @property
+    def error(self) -> SmuxError | None:
+        """Why the session ended: None while open, else the error that ended it."""
+        return self._error
+
+    @property
+    def num_streams(self) -> int:
+        """Streams the session is tracking (open in at least one direction)."""
+        return len(self._streams)
+
+    @property
+    def dropped_frames(self) -> int:
+        """PSH frames dropped: for unknown or closed streams, or after the peer's FIN."""
+        return self._dropped_frames
+
+    @property
+    def refused_streams(self) -> int:
+        """Incoming streams refused (with a FIN) because a limit was reached."""
+        return self._refused_streams
+
+    def open_stream(self) -> Stream:
+        """Open a new stream. The peer learns of it with our first frame."""
+        with self._lock:
+            self._check_alive()
+            stream_id = self._next_id
+            if stream_id > _MASK:
+                raise SmuxError(
+                    errno.EMFILE,
+                    "this session has used all 2**32 stream ids; open a new session",
+                )
+            self._next_id += 2
+            stream = Stream(self, stream_id)
+            # Registered before the SYN is queued: a reply right after the peer's
+            # accept finds the stream (Go loses it, DESIGN.md 5.1).
+            self._streams[stream_id] = stream
+            self._queue_control(encode_header(self._version, CMD_SYN, 0, stream_id))
+            return stream
+
+    def accept_stream(self, timeout: float | None = None) -> Stream:
+        """Wait for the peer to open a stream. TimeoutError after ``timeout`` seconds."""
+        rt = self._runtime
+        deadline = None if timeout is None else rt.monotonic() + timeout
+        with self._lock:
+            while True:
+                self._check_alive()
+                if self._accept_queue:
+                    return self._accept_queue.popleft()
+                if deadline is None:
+                    self._accept_cond.wait()
+                    continue
+                remaining = deadline - rt.monotonic()
+                if remaining <= 0:
+                    raise TimeoutError(f"no stream arrived within {timeout} s")
+                self._accept_cond.wait(remaining)
+
+    def close(self) -> None:
+        """Close the session and its transport; wake every blocked call. Idempotent.
+
+        Control frames already queued (such as the FIN of a stream just closed)
+        get a short chance to reach the peer first.
+        """
+        rt = self._runtime
+        with self._lock:
+            deadline = rt.monotonic() + _CLOSE_FLUSH_SECONDS
+            target = self._control_queued
+            while not self._closed and self._control_written - target < 0:
+                remaining = deadline - rt.monotonic()
+                if remaining <= 0:
+                    break
+                self._idle_cond.wait(remaining)
+        self._abort(SessionClosedError(errno.ECONNABORTED, "session closed locally"))
+        for task in (self._writer, self._reader):
+            if not rt.current_task_is(task):
+                task.join(_JOIN_SECONDS)
+                if task.is_alive():  # pragma: no cover - a transport that ignores shutdown
+                    log.warning("pysmux: session task did not end within %s s", _JOIN_SECONDS)
+
+    def __enter__(self) -> Session:
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.close()
+
+    # -- session state (lock held) ---------------------------------------------------
+
+    def _check_alive(self) -> None:
+        if self._closed:
+            raise SessionClosedError(errno.ECONNABORTED, f"session is closed: {self._error}")
+
+    def _reset_error(self, stream_id: int) -> StreamResetError:
+        err = StreamResetError(
+            errno.ECONNRESET,
+            f"stream {stream_id} was reset: the session ended before the peer "
+            f"closed it ({self._error})",
+        )
+        err.__cause__ = self._error
+        return err
+
+    def _abort(self, error: SmuxError) -> None:
+        """End the session: record why, wake everything, shut the transport down."""
+        with self._lock:
+            if self._closed:
+                return
+            self._closed = True
+            self._error = error
+            streams = list(self._streams.values())
+            streams.extend(self._tx_waiters)
+            self._streams.clear()
+            for stream in streams:
+                if stream._recv_state == RECV_OPEN:
+                    stream._recv_state = RECV_RESET
+                if stream._send_state == SEND_OPEN:
+                    stream._send_state = SEND_RESET
+                stream._wake()
+            self._accept_cond.notify_all()
+            self._reader_cond.notify_all()
+            self._writer_cond.notify_all()
+            self._idle_cond.notify_all()
+        if isinstance(error, ProtocolError):
+            log.warning("pysmux: session ended: %s", error)
+        else:
+            log.debug("pysmux: session ended: %s", error)
+        # shutdown (not close) wakes a thread blocked in recv or send on Linux;
+        # the reader closes the socket once no one is using it.
+        try:
+            self._sock.shutdown(socket.SHUT_RDWR)
+        except OSError:
+            pass
+
+    def _unregister_if_done(self, stream: Stream) -> None:
+        if stream._recv_state != RECV_OPEN and stream._send_state != SEND_OPEN:
+            if self._streams.get(stream.id) is stream:
+                del self._streams[stream.id]
+
+    # -- stream requests (lock held) -------------------------------------------------
+
+    def _shut_send(self, stream: Stream) -> None:
+        if stream._send_state == SEND_OPEN:
+            stream._send_state = SEND_SHUT
+            self._queue_control(encode_header(self._version, CMD_FIN, 0, stream.id))
+            stream._wake()
+            self._unregister_if_done(stream)
+
+    def _shut_recv(self, stream: Stream) -> None:
+        if stream._recv_state == RECV_OPEN or stream._recv_state == RECV_EOF:
+            stream._recv_state = RECV_SHUT
+        self._return_budget(stream._drop_buffer())
+        stream._wake()
+        self._unregister_if_done(stream)
+
+    def _consumed(self, stream: Stream, count: int) -> None:
+        """The application read ``count`` bytes from ``stream``."""
+        self._return_budget(count)
+        if self._version == 2 and stream._recv_state == RECV_OPEN:
+            # Go's rule: tell the peer on the first read and whenever half the
+            # stream buffer has been read since the last update.
+            stream._num_read = (stream._num_read + count) & _MASK
+            stream._incr += count
+            if (
+                stream._incr >= self._config.max_stream_buffer // 2
+                or stream._num_read == count
+            ) and not stream._upd_pending:
+                stream._incr = 0
+                stream._upd_pending = True
+                self._queue_control(stream)
+
+    def _return_budget(self, count: int) -> None:
+        self._buffered -= count
+        if self._reader_paused and self._buffered < self._config.max_receive_buffer:
+            self._reader_cond.notify()
+
+    # -- writing ---------------------------------------------------------------------
+
+    def _queue_control(self, item: _ControlItem) -> None:
+        """Queue a control frame; it never waits behind more than one data frame."""
+        self._control.append(item)
+        self._control_queued += 1
+        if not self._tx_busy:
+            self._writer_cond.notify()
+
+    def _take_control(self) -> list[Any]:
+        frames: list[Any] = []
+        window = self._config.max_stream_buffer
+        for item in self._control:
+            if isinstance(item, Stream):
+                item._upd_pending = False
+                if item._recv_state == RECV_OPEN:
+                    frames.append(encode_upd(self._version, item.id, item._num_read, window))
+            else:
+                frames.append(item)
+        self._control.clear()
+        self._control_taken = self._control_queued
+        self._nop_queued = False
+        self._refusals_queued = 0
+        return frames
+
+    def _send_data(self, stream: Stream, view: memoryview, deadline: float | None, whole: bool) -> int:
+        """Write ``view`` on ``stream`` frame by frame; the stream's send lock is held."""
+        size = len(view)
+        sent = 0
+        max_frame = self._config.max_frame_size
+        lock = self._lock
+        while sent < size:
+            with lock:
+                self._wait_sendable(stream, deadline)
+                self._acquire_transport(stream, deadline)
+                if stream._send_state != SEND_OPEN:
+                    # Shut down while we queued: the FIN is queued, this data must not follow it.
+                    error = stream._send_error()
+                    frames = None
+                else:
+                    count = min(size - sent, max_frame, self._window(stream))
+                    stream._num_written = (stream._num_written + count) & _MASK
+                    frames = self._take_control()
+                    frames.append(encode_header(self._version, CMD_PSH, count, stream.id))
+                    frames.append(view[sent : sent + count])
+            if frames is None:
+                self._release_transport()
+                raise error
+            if not self._write_frames(frames):
+                with lock:
+                    raise stream._send_error()
+            self._release_transport()
+            sent += count
+            if not whole:
+                break
+        return sent
+
+    def _window(self, stream: Stream) -> int:
+        """Bytes ``stream`` may send now (lock held)."""
+        if self._version == 1:
+            return _MAX_FRAME
+        inflight = (stream._num_written - stream._peer_consumed) & _MASK
+        return stream._peer_window - inflight
+
+    def _wait_sendable(self, stream: Stream, deadline: float | None) -> None:
+        while True:
+            if stream._send_state != SEND_OPEN:
+                raise stream._send_error()
+            if self._window(stream) > 0:
+                return
+            stream._wait(deadline)
+
+    def _acquire_transport(self, stream: Stream, deadline: float | None) -> None:
+        """Own the transport, in arrival order behind other streams (lock held)."""
+        if not self._tx_busy and not self._tx_waiters:
+            self._tx_busy = True
+            return
+        stream._tx_granted = False
+        self._tx_waiters.append(stream)
+        try:
+            while not stream._tx_granted:
+                if self._closed:
+                    raise stream._send_error()
+                stream._wait(deadline)
+        except BaseException:
+            if stream._tx_granted:
+                # Granted and interrupted at once: pass the transport on.
+                self._tx_busy = True
+                self._lock.release()
+                try:
+                    self._release_transport()
+                finally:
+                    self._lock.acquire()
+            elif stream in self._tx_waiters:
+                self._tx_waiters.remove(stream)
+            raise
+
+    def _release_transport(self) -> None:
+        """Flush queued control frames, then hand the transport on (lock not held)."""
+        while True:
+            with self._lock:
+                # Whatever was taken before this point has been written.
+                if self._control_written != self._control_taken:
+                    self._control_written = self._control_taken
+                    self._idle_cond.notify_all()
+                frames = self._take_control() if not self._closed else None
+                if not frames:
+                    if self._tx_waiters and not self._closed:
+                        nxt = self._tx_waiters.popleft()
+                        nxt._tx_granted = True
+                        nxt._wake()
+                    else:
+                        self._tx_busy = False
+                        self._idle_cond.notify_all()
+                    return
+            if not self._write_frames(frames):
+                with self._lock:
+                    self._tx_busy = False
+                    self._idle_cond.notify_all()
+                return
+
+    def _write_frames(self, parts: list[Any]) -> bool:
+        """Write whole frames with one call; on failure end the session and return False.
+
+        A failed write leaves an unknown part of a frame on the wire, so the
+        framing is lost: the session cannot go on (DESIGN.md 5.7).
+        """
+        try:
+            sendmsg = self._sendmsg
+            if sendmsg is None:
+                self._sock.sendall(b"".join(parts))
+                return True
+            total = sum(len(p) for p in parts)
+            sent = sendmsg(parts)
+            while sent < total:
+                total -= sent
+                while sent >= len(parts[0]):
+                    sent -= len(parts.pop(0))
+                parts[0] = memoryview(parts[0])[sent:]
+                sent = sendmsg(parts)
+            return True
+        except OSError as exc:
+            self._abort(SessionClosedError(errno.EPIPE, f"transport write failed: {exc}"))
+            return False
+        except BaseException:
+            self._abort(SessionClosedError(errno.EPIPE, "a transport write was interrupted"))
+            raise
+
+    def _write_loop(self) -> None:
+        """Write control frames while the transport is idle; run keepalive."""
+        cfg = self._config
+        rt = self._runtime
+        interval = cfg.keepalive_interval
+        next_ping = rt.monotonic() + interval
+        lock = self._lock
+        lock.acquire()
+        try:
+            while not self._closed:
+                wait: float | None = None
+                if cfg.keepalive:
+                    now = rt.monotonic()
+                    if self._reader_paused:
+                        self._last_rx = now  # a paused reader is not a silent peer
+                    silent = now - self._last_rx
+                    if silent >= cfg.keepalive_timeout:
+                        lock.release()
+                        try:
+                            self._abort(
+                                SessionClosedError(
+                                    errno.ETIMEDOUT,
+                                    f"keepalive timeout: nothing received for {silent:.1f} s "
+                                    f"(keepalive_timeout={cfg.keepalive_timeout})",
+                                )
+                            )
+                        finally:
+                            lock.acquire()
+                        break
+                    if now >= next_ping:
+                        next_ping = now + interval
+                        if not self._nop_queued:
+                            self._nop_queued = True
+                            self._queue_control(encode_header(self._version, CMD_NOP, 0, 0))
+                    wait = min(next_ping, self._last_rx + cfg.keepalive_timeout) - now
+                if self._control and not self._tx_busy:
+                    self._tx_busy = True
+                    lock.release()
+                    try:
+                        self._release_transport()
+                    finally:
+                        lock.acquire()
+                    continue
+                self._writer_cond.wait(wait)
+        finally:
+            lock.release()
+
+    # -- reading ---------------------------------------------------------------------
+
+    def _read_loop(self) -> None:
+        try:
+            self._read_frames()
+        except SmuxError as exc:
+            self._abort(exc)
+        except OSError as exc:
+            self._abort(SessionClosedError(errno.ECONNRESET, f"transport read failed: {exc}"))
+        except BaseException as exc:  # pragma: no cover - a bug; still wake everyone
+            log.exception("pysmux: reader failed")
+            self._abort(SessionClosedError(errno.EIO, f"internal error: {exc!r}"))
+        finally:
+            self._close_transport()
+
+    def _close_transport(self) -> None:
+        with self._lock:
+            while self._tx_busy:
+                self._idle_cond.wait()
+            self._tx_busy = True  # nobody writes to a closed socket
+        try:
+            self._sock.close()
+        except OSError:  # pragma: no cover
+            pass
+
+    def _read_frames(self) -> None:
+        buf = bytearray(_READ_BUFFER)
+        view = memoryview(buf)
+        recv_into = self._sock.recv_into
+        monotonic = self._runtime.monotonic
+        lock = self._lock
+        start = end = 0
+        limit = self._config.max_receive_buffer
+        while True:
+            if len(buf) - end < _MAX_FRAME:
+                buf[: end - start] = buf[start:end]
+                end -= start
+                start = 0
+            count = recv_into(view[end:])
+            if not count:
+                where = "inside a frame" if end > start else "between frames"
+                raise SessionClosedError(
+                    errno.ECONNRESET, f"transport closed by the peer ({where})"
+                )
+            end += count
+            self._last_rx = monotonic()
+            with lock:
+                if self._closed:
+                    return
+                start = self._dispatch(view, start, end)
+                while self._buffered >= limit and not self._closed:
+                    self._reader_paused = True
+                    self._reader_cond.wait()
+                self._reader_paused = False
+                if self._closed:
+                    return
+            if start == end:
+                start = end = 0
+
+    def _dispatch(self, view: memoryview, start: int, end: int) -> int:
+        """Handle every complete frame in ``view[start:end]``; return where the rest begins."""
+        unpack = HEADER.unpack_from
+        version = self._version
+        handlers = self._handlers
+        while end - start >= HEADER_SIZE:
+            ver, cmd, length, stream_id = unpack(view, start)
+            if ver != version:
+                raise ProtocolError(
+                    errno.EPROTO,
+                    f"peer sent a version {ver} frame to a version {version} session "
+                    f"(both ends must use the same Config.version)",
+                )
+            handler = handlers.get(cmd)
+            if handler is None:
+                raise ProtocolError(errno.EPROTO, f"peer sent unknown command {cmd}")
+            if cmd != CMD_PSH:
+                self._check_control_length(cmd, length)
+            payload_end = start + HEADER_SIZE + length
+            if payload_end > end:
+                break
+            handler(stream_id, view[start + HEADER_SIZE : payload_end])
+            start = payload_end
+        return start
+
+    def _check_control_length(self, cmd: int, length: int) -> None:
+        if cmd == CMD_UPD:
+            if self._version == 1:
+                raise ProtocolError(errno.EPROTO, "peer sent UPD in a version 1 session")
+            if length != UPD.size:
+                raise ProtocolError(errno.EPROTO, f"peer sent UPD with length {length}, not 8")
+        elif length:
+            raise ProtocolError(
+                errno.EPROTO, f"peer sent {CMD_NAMES[cmd]} with a {length}-byte payload"
+            )
+
+    def _count_junk(self, what: str) -> None:
+        """Count a frame that carried nothing useful; too many per second is an attack."""
+        self._junk += 1
+        limit = self._config.max_junk_frames_per_second
+        if limit and self._junk > limit:
+            now = self._runtime.monotonic()
+            if now - self._junk_since >= 1.0:
+                self._junk = 1
+                self._junk_since = now
+            else:
+                raise ProtocolError(
+                    errno.EPROTO,
+                    f"peer sent more than {limit} frames that carry nothing in one second "
+                    f"(last: {what}; Config.max_junk_frames_per_second)",
+                )
+
+    # -- one handler per command (lock held) -------------------------------------------
+
+    def _on_syn(self, stream_id: int, payload: memoryview) -> None:
+        if stream_id == 0 or (stream_id & 1) == (self._next_id & 1):
+            raise ProtocolError(
+                errno.EPROTO,
+                f"peer opened stream {stream_id}, an id reserved for this side's streams",
+            )
+        if stream_id in self._streams:
+            raise ProtocolError(errno.EPROTO, f"peer opened stream {stream_id}, which is open")
+        cfg = self._config
+        if len(self._accept_queue) >= cfg.accept_backlog or len(self._streams) >= cfg.max_streams:
+            self._refuse(stream_id)
+            return
+        stream = Stream(self, stream_id)
+        self._streams[stream_id] = stream
+        self._accept_queue.append(stream)
+        self._accept_cond.notify()
+
+    def _refuse(self, stream_id: int) -> None:
+        self._refused_streams += 1
+        self._count_junk("refused SYN")
+        self._refusals_queued += 1
+        if self._refusals_queued > self._config.accept_backlog:
+            raise ProtocolError(
+                errno.EPROTO, "peer keeps opening streams past the limits and reads no refusals"
+            )
+        log.info("pysmux: refused stream %d (accept backlog or max_streams reached)", stream_id)
+        self._queue_control(encode_header(self._version, CMD_FIN, 0, stream_id))
+
+    def _on_fin(self, stream_id: int, payload: memoryview) -> None:
+        stream = self._streams.get(stream_id)
+        if stream is None or stream._recv_state != RECV_OPEN:
+            self._count_junk("FIN for an unknown stream")
+            return
+        stream._recv_state = RECV_EOF
+        stream._wake()
+        self._unregister_if_done(stream)
+
+    def _on_psh(self, stream_id: int, payload: memoryview) -> None:
+        length = len(payload)
+        stream = self._streams.get(stream_id)
+        if stream is None or stream._recv_state != RECV_OPEN or not length:
+            if length:
+                self._dropped_frames += 1
+            if length < _CHEAP_PAYLOAD:
+                self._count_junk("PSH carrying nothing deliverable")
+            return
+        stream._chunks.append(bytes(payload))
+        stream._recv_buffered += length
+        self._buffered += length
+        stream._wake()
+
+    def _on_nop(self, stream_id: int, payload: memoryview) -> None:
+        self._count_junk("NOP")
+
+    def _on_upd(self, stream_id: int, payload: memoryview) -> None:
+        stream = self._streams.get(stream_id)
+        if stream is None:
+            self._count_junk("UPD for an unknown stream")
+            return
+        consumed, window = UPD.unpack(payload)
+        advance = (consumed - stream._peer_consumed) & _MASK
+        if advance >= 2**31:
+            return  # older than one we already have: frames can cross, not an error
+        inflight = (stream._num_written - stream._peer_consumed) & _MASK
+        if advance > inflight:
+            raise ProtocolError(
+                errno.EPROTO,
+                f"peer acknowledged {advance} bytes on stream {stream_id}, "
+                f"but only {inflight} were in flight",
+            )
+        stream._peer_consumed = consumed
+        stream._peer_window = min(window, _MAX_WINDOW)
+        stream._wake()
+
+
+def client(sock: Any, config: Config | None = None, runtime: str | Runtime | None = None) -> Session:
+    """Start the client end of a session on a connected transport (odd stream ids)."""
+    return Session(sock, is_client=True, config=config, runtime=runtime)
+
+
+def server(sock: Any, config: Config | None = None, runtime: str | Runtime | None = None) -> Session:
+    """Start the server end of a session on a connected transport (even stream ids)."""
+    return Session(sock, is_client=False, config=config, runtime=runtime)
