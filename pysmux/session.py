@@ -21,12 +21,14 @@ Everything is guarded by one session lock; I/O happens outside it.
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import logging
 import socket
 import ssl
 from collections import deque
-from typing import Any, Callable, Union
+from collections.abc import Callable
+from typing import Any
 
 from .config import Config
 from .errors import ProtocolError, SessionClosedError, SmuxError, StreamResetError
@@ -73,7 +75,7 @@ _CLOSE_FLUSH_SECONDS = 0.5
 #: How long close() waits for the session's own tasks to end.
 _JOIN_SECONDS = 5.0
 
-_ControlItem = Union[bytes, Stream]  # a whole frame, or a stream that owes an UPD
+_ControlItem = bytes | Stream  # a whole frame, or a stream that owes an UPD
 
 
 class Session:
@@ -158,10 +160,8 @@ class Session:
             settimeout(None)
         family = getattr(sock, "family", None)
         if family in (socket.AF_INET, socket.AF_INET6):
-            try:
+            with contextlib.suppress(OSError):  # not every AF_INET socket is TCP
                 sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-            except OSError:  # pragma: no cover - not every AF_INET socket is TCP
-                pass
 
     def __repr__(self) -> str:
         role = "client" if self._is_client else "server"
@@ -303,15 +303,13 @@ class Session:
             log.debug("pysmux: session ended: %s", error)
         # shutdown (not close) wakes a thread blocked in recv or send on Linux;
         # the reader closes the socket once no one is using it.
-        try:
+        with contextlib.suppress(OSError):
             self._sock.shutdown(socket.SHUT_RDWR)
-        except OSError:
-            pass
 
     def _unregister_if_done(self, stream: Stream) -> None:
-        if stream._recv_state != RECV_OPEN and stream._send_state != SEND_OPEN:
-            if self._streams.get(stream.id) is stream:
-                del self._streams[stream.id]
+        done = stream._recv_state != RECV_OPEN and stream._send_state != SEND_OPEN
+        if done and self._streams.get(stream.id) is stream:
+            del self._streams[stream.id]
 
     # -- stream requests (lock held) -------------------------------------------------
 
@@ -338,8 +336,7 @@ class Session:
             stream._num_read = (stream._num_read + count) & _MASK
             stream._incr += count
             if (
-                stream._incr >= self._config.max_stream_buffer // 2
-                or stream._num_read == count
+                stream._incr >= self._config.max_stream_buffer // 2 or stream._num_read == count
             ) and not stream._upd_pending:
                 stream._incr = 0
                 stream._upd_pending = True
@@ -375,7 +372,9 @@ class Session:
         self._refusals_queued = 0
         return frames
 
-    def _send_data(self, stream: Stream, view: memoryview, deadline: float | None, whole: bool) -> int:
+    def _send_data(
+        self, stream: Stream, view: memoryview, deadline: float | None, whole: bool
+    ) -> int:
         """Write ``view`` on ``stream`` frame by frame; the stream's send lock is held."""
         size = len(view)
         sent = 0
@@ -565,10 +564,8 @@ class Session:
             while self._tx_busy:
                 self._idle_cond.wait()
             self._tx_busy = True  # nobody writes to a closed socket
-        try:
+        with contextlib.suppress(OSError):
             self._sock.close()
-        except OSError:  # pragma: no cover
-            pass
 
     def _read_frames(self) -> None:
         buf = bytearray(_READ_BUFFER)
@@ -733,11 +730,15 @@ class Session:
         stream._wake()
 
 
-def client(sock: Any, config: Config | None = None, runtime: str | Runtime | None = None) -> Session:
+def client(
+    sock: Any, config: Config | None = None, runtime: str | Runtime | None = None
+) -> Session:
     """Start the client end of a session on a connected transport (odd stream ids)."""
     return Session(sock, is_client=True, config=config, runtime=runtime)
 
 
-def server(sock: Any, config: Config | None = None, runtime: str | Runtime | None = None) -> Session:
+def server(
+    sock: Any, config: Config | None = None, runtime: str | Runtime | None = None
+) -> Session:
     """Start the server end of a session on a connected transport (even stream ids)."""
     return Session(sock, is_client=False, config=config, runtime=runtime)

@@ -189,7 +189,7 @@ class Stream:
         deadline = None
         while not self._recv_buffered:
             state = self._recv_state
-            if state == RECV_EOF or state == RECV_SHUT or want == 0:
+            if state in (RECV_EOF, RECV_SHUT) or want == 0:
                 return False
             if state == RECV_RESET:
                 raise self._session._reset_error(self.id)
@@ -375,7 +375,7 @@ class Stream:
             buffer = io.BufferedWriter(raw, buffering)
         if binary:
             return buffer
-        text = io.TextIOWrapper(buffer, encoding, errors, newline)
+        text = io.TextIOWrapper(buffer, encoding, errors, newline)  # type: ignore[type-var]
         text.mode = mode  # type: ignore[misc]
         return text
 
@@ -393,4 +393,3 @@ class Stream:
     def fileno(self) -> int:
         """Streams have no file descriptor: always -1 (as a closed socket)."""
         return -1
-
