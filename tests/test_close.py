@@ -1,0 +1,314 @@
+"""Closing: sessions, streams (FIN half-close), context managers, and the
+transport dying under a session."""
+
+from __future__ import annotations
+
+import errno
+import socket
+import threading
+import time
+
+import pytest
+
+import pysmux
+from tests.util import payload, recv_exact, recv_to_eof, sha256, spawn, wait_until
+
+VERSIONS = pytest.mark.parametrize("version", [1, 2], ids=["v1", "v2"])
+
+
+def fill_send_window(st, limit=100_000):
+    """Send until a would-block; returns the bytes sent. Leaves ``st`` blocking."""
+    st.setblocking(False)
+    sent = 0
+    try:
+        for _ in range(limit):
+            sent += st.send(b"w" * 65536)
+        raise AssertionError("send never blocked")
+    except BlockingIOError:
+        pass
+    finally:
+        st.setblocking(True)
+    return sent
+
+
+def reset_or_eof(stream):
+    """recv on a stream whose peer session closed: a reset, or EOF if the closing
+    session sent FIN first (it may); never data, never a hang."""
+    data = stream.recv(100)  # a StreamResetError propagates
+    assert data == b"", data
+    raise pysmux.StreamResetError("(clean EOF: the peer sent FIN while closing)")
+
+
+# -- session close ---------------------------------------------------------------
+
+
+def test_session_close_wakes_every_blocked_call_within_a_second(pair):
+    client, server = pair(version=2)
+    recv_st = client.open_stream()
+    send_st = client.open_stream()
+    idle_st = client.open_stream()
+    peers = [server.accept_stream(timeout=5) for _ in range(3)]
+    sent = fill_send_window(send_st)  # the peer never reads: the v2 window is full
+    assert sent > 0
+
+    calls = {
+        "client recv": lambda: recv_st.recv(100),
+        "client recv_into": lambda: idle_st.recv_into(bytearray(10)),
+        "client send": lambda: send_st.sendall(b"x" * (1 << 20)),
+        "client accept_stream": lambda: client.accept_stream(),
+        "server recv": lambda: reset_or_eof(peers[0]),
+        "server accept_stream": lambda: server.accept_stream(),
+    }
+    workers = {name: spawn(fn, name=name) for name, fn in calls.items()}
+    for w in workers.values():
+        assert w.started_call.wait(5)
+    # Nothing may finish before the close.
+    for name, w in workers.items():
+        w.join(0.05)
+        assert w.is_alive(), f"{name} returned before close: {w.exc!r}"
+
+    t0 = time.monotonic()
+    client.close()
+    close_took = time.monotonic() - t0
+    assert close_took < 1.0
+    assert client.closed
+
+    for name, w in workers.items():
+        exc = w.exception(timeout=2.0)
+        assert w.finished_at - t0 < 1.0, f"{name} woke after {w.finished_at - t0:.2f}s"
+        assert exc is not None, f"{name} returned normally"
+        if "accept_stream" in name:
+            assert isinstance(exc, pysmux.SessionClosedError), (name, exc)
+        else:
+            assert isinstance(exc, pysmux.StreamResetError), (name, exc)
+
+    wait_until(lambda: server.closed, 1.0, "server notices the transport closing")
+    with pytest.raises(pysmux.SessionClosedError):
+        client.open_stream()
+    with pytest.raises(pysmux.SessionClosedError):
+        client.accept_stream(timeout=0.1)
+    with pytest.raises(pysmux.SessionClosedError):
+        server.open_stream()
+    for st in (recv_st, send_st, idle_st):
+        with pytest.raises(pysmux.StreamResetError):
+            st.recv(1)
+        with pytest.raises(pysmux.StreamResetError):
+            st.send(b"x")
+
+
+def test_buffered_data_is_readable_after_session_close_then_reset(pair):
+    client, server = pair()
+    st = client.open_stream()
+    marker = client.open_stream()
+    st.sendall(b"a")
+    marker.sendall(b"b")
+    peer = server.accept_stream(timeout=5)
+    peer_marker = server.accept_stream(timeout=5)
+    assert peer.recv(1) == b"a"
+    assert peer_marker.recv(1) == b"b"
+    peer.sendall(b"tail")
+    peer_marker.sendall(b"m")
+    # The server wrote "tail" before "m": once "m" is here, "tail" is buffered.
+    assert marker.recv(1) == b"m"
+    client.close()
+    assert recv_exact(st, 4) == b"tail"
+    with pytest.raises(pysmux.StreamResetError):
+        st.recv(1)
+
+
+def test_session_close_idempotent_and_from_many_threads(pair):
+    client, server = pair()
+    streams = [client.open_stream() for _ in range(10)]
+    barrier = threading.Barrier(16)
+
+    def closer():
+        barrier.wait(5)
+        client.close()
+
+    workers = [spawn(closer, name=f"closer-{i}") for i in range(16)]
+    for w in workers:
+        w.result(5)
+    assert client.closed
+    client.close()
+    client.close()
+    for st in streams:
+        with pytest.raises(pysmux.StreamResetError):
+            st.recv(1)
+    wait_until(lambda: server.closed, 2.0)
+    server.close()
+    server.close()
+
+
+def test_session_context_manager_and_closed_flag():
+    a, b = socket.socketpair()
+    with a, b:
+        with pysmux.client(a) as client, pysmux.server(b) as server:
+            assert client.closed is False
+            assert server.closed is False
+            st = client.open_stream()
+            st.sendall(b"x")
+            assert server.accept_stream(timeout=5).recv(1) == b"x"
+        assert client.closed is True
+        assert server.closed is True
+
+
+def test_num_streams_counts_open_streams(pair):
+    client, server = pair()
+    assert client.num_streams == 0
+    assert server.num_streams == 0
+    streams = [client.open_stream() for _ in range(3)]
+    assert client.num_streams == 3
+    peers = [server.accept_stream(timeout=5) for _ in range(3)]
+    assert server.num_streams == 3
+    for st, peer in zip(streams, peers):
+        st.close()
+        assert peer.recv(1) == b""
+        peer.close()
+    wait_until(lambda: client.num_streams == 0, 2, "client num_streams == 0")
+    wait_until(lambda: server.num_streams == 0, 2, "server num_streams == 0")
+
+
+# -- stream close ----------------------------------------------------------------
+
+
+@VERSIONS
+def test_half_close_other_direction_keeps_sending(pair, version):
+    client, server = pair(version=version)
+    st = client.open_stream()
+    st.sendall(b"request")
+    st.shutdown(socket.SHUT_WR)
+    peer = server.accept_stream(timeout=5)
+    assert recv_to_eof(peer) == b"request"
+    assert peer.recv(10) == b""  # EOF is sticky
+    # 2 MiB is many v2 windows: the half-closed side must keep sending UPDs.
+    reply = payload(2 << 20, seed=5)
+    w = spawn(lambda: (peer.sendall(reply), peer.close()))
+    assert sha256(recv_to_eof(st)) == sha256(reply)
+    w.result(10)
+
+
+def test_send_after_shutdown_raises_broken_pipe(pair):
+    client, server = pair()
+    st = client.open_stream()
+    st.shutdown(socket.SHUT_WR)
+    with pytest.raises(BrokenPipeError):
+        st.send(b"x")
+    with pytest.raises(BrokenPipeError):
+        st.sendall(b"x")
+    peer = server.accept_stream(timeout=5)
+    assert peer.recv(1) == b""
+    peer.sendall(b"still open")
+    assert recv_exact(st, 10) == b"still open"
+
+
+def test_send_after_close_raises_broken_pipe_and_recv_ebadf(pair):
+    client, server = pair()
+    st = client.open_stream()
+    st.close()
+    with pytest.raises(BrokenPipeError):
+        st.send(b"x")
+    with pytest.raises(BrokenPipeError):
+        st.sendall(b"x")
+    with pytest.raises(OSError) as info:
+        st.recv(1)
+    assert info.value.errno == errno.EBADF
+    st.close()  # idempotent
+    peer = server.accept_stream(timeout=5)
+    assert peer.recv(1) == b""
+
+
+def test_recv_returns_eof_only_after_peer_fin(pair):
+    client, server = pair()
+    st = client.open_stream()
+    st.sendall(b"data")
+    peer = server.accept_stream(timeout=5)
+    assert recv_exact(peer, 4) == b"data"
+    peer.settimeout(0.2)
+    with pytest.raises(TimeoutError):
+        peer.recv(1)
+    st.shutdown(socket.SHUT_WR)
+    peer.settimeout(5)
+    assert peer.recv(1) == b""
+
+
+def test_stream_context_manager_closes_and_sends_fin(pair):
+    client, server = pair()
+    with client.open_stream() as st:
+        st.sendall(b"abc")
+    with pytest.raises(BrokenPipeError):
+        st.send(b"x")
+    with server.accept_stream(timeout=5) as peer:
+        assert recv_to_eof(peer) == b"abc"
+
+
+def test_close_after_peer_fin_frees_stream_on_both_sides(pair):
+    client, server = pair(version=2)
+    st = client.open_stream()
+    st.sendall(b"x" * 100_000)
+    st.close()
+    peer = server.accept_stream(timeout=5)
+    assert len(recv_to_eof(peer)) == 100_000
+    peer.close()
+    wait_until(lambda: client.num_streams == 0 and server.num_streams == 0, 2)
+
+
+# -- the transport dies under the session -----------------------------------------
+
+
+def test_transport_death_resets_streams_after_buffered_data(pair):
+    p = pair()
+    client, server = p
+    unfinished = client.open_stream()
+    finished = client.open_stream()
+    marker = client.open_stream()
+    unfinished.sendall(b"u" * 1000)
+    finished.sendall(b"done")
+    finished.shutdown(socket.SHUT_WR)
+    marker.sendall(b"m")
+    peers = {s.id: s for s in (server.accept_stream(timeout=5) for _ in range(3))}
+    # Frames are handled in order: once "m" is here, the rest is buffered.
+    assert peers[marker.id].recv(1) == b"m"
+
+    p.client_sock.shutdown(socket.SHUT_RDWR)  # the transport dies under both sessions
+    wait_until(lambda: server.closed and client.closed, 2, "both sessions see the death")
+
+    assert recv_exact(peers[unfinished.id], 1000) == b"u" * 1000
+    with pytest.raises(pysmux.StreamResetError):
+        peers[unfinished.id].recv(1)
+    with pytest.raises(pysmux.StreamResetError):  # and it stays reset
+        peers[unfinished.id].recv(1)
+    # A stream that got its FIN before the death reads to a clean EOF.
+    assert recv_to_eof(peers[finished.id]) == b"done"
+    with pytest.raises(pysmux.StreamResetError):
+        peers[marker.id].recv(1)
+    for s in (unfinished, finished, marker):
+        with pytest.raises(pysmux.StreamResetError):
+            s.recv(1)
+        with pytest.raises(pysmux.StreamResetError):
+            s.send(b"x")
+
+
+@VERSIONS
+def test_peer_transport_closed_mid_transfer_never_clean_eof(pair, version):
+    p = pair(version=version)
+    client, server = p
+    st = client.open_stream()
+    data = payload(16 << 20, seed=3)
+    writer = spawn(st.sendall, data)
+    peer = server.accept_stream(timeout=5)
+    got = 0
+    first = recv_exact(peer, 1 << 20)
+    got += len(first)
+    # Kill the client's end of the transport while data is still flowing.
+    p.client_sock.shutdown(socket.SHUT_RDWR)  # (closed by the fixture, once unused)
+    with pytest.raises(pysmux.StreamResetError):
+        for _ in range(len(data)):
+            chunk = peer.recv(65536)
+            assert chunk, "clean EOF reported although no FIN was sent"
+            got += len(chunk)
+    assert got < len(data)
+    exc = writer.exception(5)
+    assert isinstance(exc, OSError), exc
+    with pytest.raises(pysmux.StreamResetError):
+        st.send(b"x")
+    wait_until(lambda: client.closed and server.closed, 2)
