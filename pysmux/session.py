@@ -397,10 +397,13 @@ class Session:
             if frames is None:
                 self._release_transport()
                 raise error
-            if not self._write_frames(frames):
+            try:
+                written = self._write_frames(frames)
+            finally:
+                self._release_transport()
+            if not written:
                 with lock:
                     raise stream._send_error()
-            self._release_transport()
             sent += count
             if not whole:
                 break
@@ -464,10 +467,15 @@ class Session:
                         self._tx_busy = False
                         self._idle_cond.notify_all()
                     return
-            if not self._write_frames(frames):
-                with self._lock:
-                    self._tx_busy = False
-                    self._idle_cond.notify_all()
+            written = False
+            try:
+                written = self._write_frames(frames)
+            finally:
+                if not written:
+                    with self._lock:
+                        self._tx_busy = False
+                        self._idle_cond.notify_all()
+            if not written:
                 return
 
     def _write_frames(self, parts: list[Any]) -> bool:

@@ -284,8 +284,11 @@ def test_transport_death_resets_streams_after_buffered_data(pair):
     for s in (unfinished, finished, marker):
         with pytest.raises(pysmux.StreamResetError):
             s.recv(1)
+    for s in (unfinished, marker):
         with pytest.raises(pysmux.StreamResetError):
             s.send(b"x")
+    with pytest.raises(BrokenPipeError):  # shut down locally before the death
+        finished.send(b"x")
 
 
 @VERSIONS
