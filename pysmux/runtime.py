@@ -6,13 +6,16 @@ uses, so the rest of the library is the same code on both.
 
 from __future__ import annotations
 
+import contextlib
+import sys
 import threading
 import time
+from collections import deque
 from collections.abc import Callable
 from types import TracebackType
-from typing import Protocol
+from typing import Any, Protocol
 
-__all__ = ["Runtime", "Task", "ThreadRuntime", "get_runtime"]
+__all__ = ["GeventRuntime", "Runtime", "Task", "ThreadRuntime", "get_runtime", "gevent_patched"]
 
 
 class Task(Protocol):
@@ -97,16 +100,145 @@ class ThreadRuntime:
     monotonic = staticmethod(time.monotonic)
 
     def check_transport(self, sock: object) -> None:
-        """Any blocking socket works on threads."""
+        """A gevent socket works on threads only when threads are greenlets (patched)."""
+        gsocket = sys.modules.get("gevent.socket")
+        if gsocket is not None and isinstance(sock, gsocket.socket) and not gevent_patched():
+            raise ValueError(
+                "a gevent socket needs runtime='gevent' (or a monkey-patched process); "
+                "runtime='thread' would read it from a native thread"
+            )
+
+
+class _GreenletTask:
+    """A greenlet seen as a Task."""
+
+    __slots__ = ("greenlet",)
+
+    def __init__(self, greenlet: Any) -> None:
+        self.greenlet = greenlet
+
+    def join(self, timeout: float | None = None) -> None:
+        self.greenlet.join(timeout)
+
+    def is_alive(self) -> bool:
+        return not self.greenlet.dead
+
+
+class _GeventCondition:
+    """A condition variable for gevent, which ships none (notes/gevent.md 5.2).
+
+    The stdlib one would block the hub when gevent is not monkey-patched.
+    """
+
+    __slots__ = ("_lock", "_semaphore", "_waiters")
+
+    def __init__(self, lock: Lock, semaphore: Callable[[int], Any]) -> None:
+        self._lock = lock
+        self._semaphore = semaphore
+        self._waiters: deque[Any] = deque()
+
+    def __enter__(self) -> bool:
+        return self._lock.__enter__()
+
+    def __exit__(self, *exc_info: Any) -> None:
+        self._lock.__exit__(*exc_info)
+
+    def wait(self, timeout: float | None = None) -> bool:
+        waiter = self._semaphore(0)
+        self._waiters.append(waiter)
+        self._lock.release()
+        got = False
+        try:
+            # None means forever: gevent reads a negative timeout as "do not wait".
+            got = bool(waiter.acquire(True, None if timeout is None else max(timeout, 0.0)))
+            return got
+        finally:  # also on gevent.Timeout or kill()
+            self._lock.acquire()
+            if not got:
+                with contextlib.suppress(ValueError):
+                    self._waiters.remove(waiter)
+
+    def notify(self, n: int = 1) -> None:
+        waiters = self._waiters
+        while waiters and n > 0:
+            waiters.popleft().release()
+            n -= 1
+
+    def notify_all(self) -> None:
+        self.notify(len(self._waiters))
+
+
+class GeventRuntime:
+    """gevent greenlets. The transport must be a cooperative (gevent) socket."""
+
+    name = "gevent"
+
+    def __init__(self) -> None:
+        import gevent
+        import gevent.lock
+        import gevent.socket
+
+        self._gevent = gevent
+        self._semaphore = gevent.lock.Semaphore
+        self._bounded = gevent.lock.BoundedSemaphore
+        self._socket_type = gevent.socket.socket
+
+    def lock(self) -> Lock:
+        lock: Lock = self._bounded(1)
+        return lock
+
+    def condition(self, lock: Lock) -> Condition:
+        return _GeventCondition(lock, self._semaphore)
+
+    def spawn(self, target: Callable[[], None], name: str) -> Task:
+        greenlet = self._gevent.spawn(target)
+        greenlet.name = name
+        return _GreenletTask(greenlet)
+
+    def current_task_is(self, task: Task) -> bool:
+        return isinstance(task, _GreenletTask) and task.greenlet is self._gevent.getcurrent()
+
+    monotonic = staticmethod(time.monotonic)
+
+    def check_transport(self, sock: object) -> None:
+        """A blocking OS socket would freeze every greenlet: refuse it."""
+        if not isinstance(sock, self._socket_type):
+            raise ValueError(
+                f"runtime='gevent' needs a gevent socket, got {type(sock).__module__}."
+                f"{type(sock).__qualname__}: create it with gevent.socket, or call "
+                "gevent.monkey.patch_all() before creating sockets"
+            )
+
+
+def gevent_patched() -> bool:
+    """True when gevent has monkey-patched ``socket`` in this process."""
+    monkey = sys.modules.get("gevent.monkey")
+    return monkey is not None and bool(monkey.is_module_patched("socket"))
 
 
 _THREAD = ThreadRuntime()
+_GEVENT: list[GeventRuntime] = []
 
 
 def get_runtime(runtime: str | Runtime | None) -> Runtime:
-    """Resolve the ``runtime=`` argument of ``pysmux.client``/``pysmux.server``."""
+    """Resolve the ``runtime=`` argument of ``pysmux.client``/``pysmux.server``.
+
+    ``None`` and ``"thread"`` mean threads; ``"gevent"`` means greenlets;
+    ``"auto"`` means gevent when the process is monkey-patched, else threads.
+    """
+    if runtime == "auto":
+        runtime = "gevent" if gevent_patched() else "thread"
     if runtime is None or runtime == "thread":
         return _THREAD
+    if runtime == "gevent":
+        if not _GEVENT:
+            try:
+                _GEVENT.append(GeventRuntime())
+            except ImportError as exc:
+                raise ValueError(
+                    "runtime='gevent' needs gevent: pip install 'pysmux[gevent]'"
+                ) from exc
+        return _GEVENT[0]
     if isinstance(runtime, str):
-        raise ValueError(f"runtime={runtime!r}: expected 'thread' or 'gevent'")
+        raise ValueError(f"runtime={runtime!r}: expected 'thread', 'gevent' or 'auto'")
     return runtime
