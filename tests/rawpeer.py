@@ -83,7 +83,7 @@ class RawPeer:
             self.sock.settimeout(remaining)
             try:
                 chunk = self.sock.recv(65536)
-            except socket.timeout:
+            except TimeoutError:
                 raise TimeoutError(
                     f"raw peer: no {n} bytes in time (have {len(self._buf)})"
                 ) from None
@@ -118,9 +118,7 @@ class RawPeer:
                 return f
             if f.cmd in (frame.CMD_UPD, frame.CMD_NOP):
                 continue
-            raise AssertionError(
-                f"expected {frame.CMD_NAMES.get(cmd, cmd)} sid={sid}, got {f!r}"
-            )
+            raise AssertionError(f"expected {frame.CMD_NAMES.get(cmd, cmd)} sid={sid}, got {f!r}")
 
     def read_data(self, sid: int, n: int, timeout: float = 5.0) -> bytes:
         """Collect ``n`` bytes of PSH payload for ``sid`` (other frames: see ``expect``)."""

@@ -160,7 +160,7 @@ def test_num_streams_counts_open_streams(pair):
     assert client.num_streams == 3
     peers = [server.accept_stream(timeout=5) for _ in range(3)]
     assert server.num_streams == 3
-    for st, peer in zip(streams, peers):
+    for st, peer in zip(streams, peers, strict=True):
         st.close()
         assert peer.recv(1) == b""
         peer.close()

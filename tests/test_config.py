@@ -65,9 +65,7 @@ INVALID = [
 ]
 
 
-@pytest.mark.parametrize(
-    ("field", "kwargs"), INVALID, ids=[f"{f}={kw}" for f, kw in INVALID]
-)
+@pytest.mark.parametrize(("field", "kwargs"), INVALID, ids=[f"{f}={kw}" for f, kw in INVALID])
 def test_invalid_value_raises_value_error_naming_field(field, kwargs):
     with pytest.raises(ValueError, match=rf"\b{re.escape(field)}\b"):
         pysmux.Config(**kwargs)

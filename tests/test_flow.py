@@ -109,10 +109,10 @@ def test_many_streams_share_transport_fairly(pair, version):
     datas = [payload(1 << 20, seed=10 + i) for i in range(n)]
     writers = [
         spawn(lambda s=s, d=d: (s.sendall(d), s.shutdown(socket.SHUT_WR)))
-        for s, d in zip(streams, datas)
+        for s, d in zip(streams, datas, strict=True)
     ]
     readers = [spawn(recv_to_eof, peers[s.id]) for s in streams]
-    for r, d in zip(readers, datas):
+    for r, d in zip(readers, datas, strict=True):
         assert sha256(r.result(30)) == sha256(d)
     for w in writers:
         w.result(10)

@@ -102,7 +102,7 @@ def test_non_blocking_send_raises_blocking_io_error_when_window_is_full(pair):
 def test_send_timeout_when_window_is_full(pair):
     client, server = pair(version=2)
     st = client.open_stream()
-    peer = server.accept_stream(timeout=5)
+    server.accept_stream(timeout=5)  # and never read
     st.settimeout(0.3)
     t0 = time.monotonic()
     with pytest.raises(TimeoutError):

@@ -169,16 +169,14 @@ def test_thousand_concurrent_streams_checksummed(pair, version):
             accepted.put(None)
 
     def server_worker():
-        handled = 0
-        for _ in range(n_streams + 1):
+        for handled in range(n_streams + 1):
             s = accepted.get(timeout=30)
             if s is None:
                 return handled
             data = recv_to_eof(s, limit=4000)
             s.sendall(hashlib.sha256(data).digest() + len(data).to_bytes(4, "big"))
             s.close()
-            handled += 1
-        raise AssertionError("unreachable")
+        raise AssertionError("more streams than were opened")
 
     def client_worker(k):
         mine = list(range(k, n_streams, n_threads))

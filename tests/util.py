@@ -7,7 +7,8 @@ import hashlib
 import random
 import threading
 import time
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 __all__ = [
     "Worker",
