@@ -16,19 +16,12 @@ from tests.util import payload, recv_exact, recv_to_eof, sha256, spawn, wait_unt
 VERSIONS = pytest.mark.parametrize("version", [1, 2], ids=["v1", "v2"])
 
 
-def fill_send_window(st, limit=100_000):
-    """Send until a would-block; returns the bytes sent. Leaves ``st`` blocking."""
-    st.setblocking(False)
-    sent = 0
-    try:
-        for _ in range(limit):
-            sent += st.send(b"w" * 65536)
-        raise AssertionError("send never blocked")
-    except BlockingIOError:
-        pass
-    finally:
-        st.setblocking(True)
-    return sent
+def fill_send_window(st):
+    """Use up the 256 KiB a v2 sender assumes before the peer's first UPD."""
+    st.settimeout(5)
+    st.sendall(b"w" * 256 * 1024)
+    st.settimeout(None)
+    return 256 * 1024
 
 
 def reset_or_eof(stream):
@@ -315,3 +308,34 @@ def test_peer_transport_closed_mid_transfer_never_clean_eof(pair, version):
     with pytest.raises(pysmux.StreamResetError):
         st.send(b"x")
     wait_until(lambda: client.closed and server.closed, 2)
+
+
+@pytest.mark.parametrize("version", [1, 2], ids=["v1", "v2"])
+def test_transport_dies_while_a_data_frame_is_being_written(version):
+    """The writer is blocked inside the transport write when the peer goes away:
+    the send fails, the session ends, and close() is prompt and leaves no thread."""
+    import array
+    import fcntl
+    import termios
+
+    mine, theirs = socket.socketpair()
+    with mine, theirs:
+        session = pysmux.client(mine, config=pysmux.Config(version=version, keepalive=False))
+        try:
+            st = session.open_stream()
+            writer = spawn(st.sendall, b"x" * (8 << 20))  # nobody reads `theirs`
+
+            def queued():
+                n = array.array("i", [0])
+                fcntl.ioctl(theirs, termios.FIONREAD, n)
+                return n[0]
+
+            wait_until(lambda: queued() >= 100_000, 5, "the transport fills up")
+            theirs.close()  # the peer goes away mid-write
+            assert isinstance(writer.exception(2), OSError)
+            wait_until(lambda: session.closed, 1, "session ends")
+        finally:
+            t0 = time.monotonic()
+            session.close()
+            took = time.monotonic() - t0
+        assert took < 1.0, f"close() took {took:.1f}s"
