@@ -44,8 +44,9 @@ class SmuxHandler(socketserver.BaseRequestHandler):
 
 def main() -> None:
     with socketserver.ThreadingTCPServer(("127.0.0.1", 0), SmuxHandler) as server:
-        threading.Thread(target=server.serve_forever).start()
-        host, port = server.server_address[:2]
+        serve = threading.Thread(target=server.serve_forever, kwargs={"poll_interval": 0.05})
+        serve.start()
+        host, port = server.socket.getsockname()
         print(f"server listening on {host}:{port}")
 
         sock = socket.create_connection((host, port))
@@ -60,6 +61,7 @@ def main() -> None:
                 print(f"stream {stream.id} got {reply.decode()!r}")
 
         server.shutdown()  # stop serve_forever; leaving `with` joins the handler threads
+        serve.join()
     print("all closed, bye")
 
 
