@@ -1,0 +1,150 @@
+"""Fixtures of the end-to-end tests: the Go peer binary, peer processes, TCP sessions.
+
+The Go peer is built once per test run, offline, from Debian's
+golang-github-xtaci-smux-dev (GOPATH mode: that package has no dependency
+outside the standard library). Without a ``go`` binary the Go tests are
+skipped, except when ``CI=true``, where they fail.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import socket
+import subprocess
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import pytest
+
+import pysmux
+
+from .peers import HERE, PeerProcess, pypeer_argv, pypeer_env
+
+GO_SMUX_GOPATH = "/usr/share/gocode"
+GO_SMUX_SOURCE = Path(GO_SMUX_GOPATH, "src/github.com/xtaci/smux")
+
+
+def _unavailable(reason: str) -> None:
+    if os.environ.get("CI", "").lower() == "true":
+        pytest.fail(f"CI=true and the Go peer is unavailable: {reason}", pytrace=False)
+    pytest.skip(f"Go interop tests need the Go peer: {reason}")
+
+
+@pytest.fixture(scope="session")
+def gopeer_binary(tmp_path_factory: pytest.TempPathFactory) -> str:
+    """Path of the gopeer binary, built once per run without network access."""
+    go = shutil.which("go")
+    if go is None:
+        _unavailable("no `go` on PATH (apt-get install golang-go)")
+    if not (GO_SMUX_SOURCE / "session.go").is_file():
+        _unavailable(
+            f"no Go smux source in {GO_SMUX_SOURCE} (apt-get install golang-github-xtaci-smux-dev)"
+        )
+    work = tmp_path_factory.mktemp("gopeer")
+    binary = work / "gopeer"
+    env = dict(os.environ)
+    env.update(
+        GO111MODULE="off",  # GOPATH mode: imports come from the Debian source tree
+        GOPATH=f"{work / 'gopath'}{os.pathsep}{GO_SMUX_GOPATH}",
+        GOCACHE=str(work / "gocache"),
+        GOFLAGS="",
+        GOPROXY="off",  # never touch the network
+        GOTOOLCHAIN="local",
+        CGO_ENABLED="0",
+    )
+    assert go is not None
+    build = subprocess.run(
+        [go, "build", "-o", str(binary), "."],
+        cwd=HERE / "gopeer",
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+        check=False,
+    )
+    if build.returncode != 0:
+        pytest.fail(f"building gopeer failed:\n{build.stdout}\n{build.stderr}", pytrace=False)
+    return str(binary)
+
+
+StartPeer = Callable[..., PeerProcess]
+
+
+@pytest.fixture
+def gopeer(gopeer_binary: str) -> Iterator[StartPeer]:
+    """Start Go peers: ``gopeer("-role=server", ...)``; all are stopped and reaped after."""
+    procs: list[PeerProcess] = []
+
+    def start(*args: str, deadline: float = 60.0) -> PeerProcess:
+        peer = PeerProcess([gopeer_binary, *args, f"-deadline={deadline}s"])
+        procs.append(peer)
+        return peer
+
+    yield start
+    for p in procs:
+        p.stop()
+
+
+@pytest.fixture
+def pypeer() -> Iterator[StartPeer]:
+    """Start Python peers (tests_e2e/pypeer.py) in child processes; stopped and reaped after."""
+    procs: list[PeerProcess] = []
+
+    def start(*args: str) -> PeerProcess:
+        peer = PeerProcess(pypeer_argv(*args), env=pypeer_env())
+        procs.append(peer)
+        return peer
+
+    yield start
+    for p in procs:
+        p.stop()
+
+
+class Net:
+    """Loopback sockets and pysmux sessions of one test, all closed in teardown."""
+
+    def __init__(self) -> None:
+        self.sockets: list[socket.socket] = []
+        self.sessions: list[pysmux.Session] = []
+
+    def listen(self) -> socket.socket:
+        lsock = socket.create_server(("127.0.0.1", 0))
+        lsock.settimeout(20)
+        self.sockets.append(lsock)
+        return lsock
+
+    def accept(self, lsock: socket.socket) -> socket.socket:
+        conn, _ = lsock.accept()
+        conn.settimeout(None)
+        self.sockets.append(conn)
+        return conn
+
+    def connect(self, addr: tuple[str, int]) -> socket.socket:
+        sock = socket.create_connection(addr, timeout=20)
+        sock.settimeout(None)
+        self.sockets.append(sock)
+        return sock
+
+    def client(self, sock: socket.socket, **config: object) -> pysmux.Session:
+        sess = pysmux.client(sock, config=pysmux.Config(**config))  # type: ignore[arg-type]
+        self.sessions.append(sess)
+        return sess
+
+    def server(self, sock: socket.socket, **config: object) -> pysmux.Session:
+        sess = pysmux.server(sock, config=pysmux.Config(**config))  # type: ignore[arg-type]
+        self.sessions.append(sess)
+        return sess
+
+    def close(self) -> None:
+        for sess in self.sessions:
+            sess.close()
+        for sock in self.sockets:
+            sock.close()
+
+
+@pytest.fixture
+def net() -> Iterator[Net]:
+    n = Net()
+    yield n
+    n.close()
