@@ -109,14 +109,14 @@ class RawPeer:
             return Frame(ver, cmd, sid, data)
 
     def expect(self, cmd: int, sid: int, timeout: float = 5.0) -> Frame:
-        """Read frames until one with ``cmd`` for ``sid``; UPDs and NOPs on the way
-        are skipped, any other frame is an assertion error."""
+        """Read frames until one with ``cmd`` for ``sid``; SYNs, UPDs and NOPs on
+        the way are skipped, any other frame is an assertion error."""
         deadline = time.monotonic() + timeout
         while True:
             f = self.read_frame(max(0.0, deadline - time.monotonic()))
             if f.cmd == cmd and f.sid == sid:
                 return f
-            if f.cmd in (frame.CMD_UPD, frame.CMD_NOP):
+            if f.cmd in (frame.CMD_SYN, frame.CMD_UPD, frame.CMD_NOP):
                 continue
             raise AssertionError(f"expected {frame.CMD_NAMES.get(cmd, cmd)} sid={sid}, got {f!r}")
 

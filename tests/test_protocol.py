@@ -441,3 +441,52 @@ def test_transport_eof_between_frames(raw_session):
     assert recv_exact(unfinished, 3) == b"def"
     with pytest.raises(pysmux.StreamResetError):
         unfinished.recv(100)
+
+
+def _unread_bytes(sock):
+    import array
+    import fcntl
+    import termios
+
+    n = array.array("i", [0])
+    fcntl.ioctl(sock, termios.FIONREAD, n)
+    return n[0]
+
+
+def test_window_shrinking_while_a_sender_waits_for_the_transport(raw_session):
+    """v2: a sender saw room in its window, then waits for the transport (another
+    stream is writing); meanwhile an UPD shrinks the window below what is in
+    flight. It must wait for room, not write a frame of negative length."""
+    session, peer = raw_session(role="client", version=2)
+    a = session.open_stream()  # id 3
+    hog_stream = session.open_stream()  # id 5
+    w = spawn(a.sendall, b"x" * (262144 - 100))  # leaves 100 bytes of a's window
+    assert peer.read_data(3, 262144 - 100) == b"x" * (262144 - 100)
+    w.result(5)
+
+    hog = spawn(hog_stream.sendall, b"h" * 262144)  # more than the socket buffer holds
+    last = [-1]
+
+    def hog_blocked():  # the peer's unread byte count stopped growing
+        now = _unread_bytes(peer.sock)
+        stable, last[0] = now == last[0] and now > 0, now
+        return stable
+
+    wait_until(hog_blocked, 5, "the hog blocks inside a transport write")
+    sender = spawn(a.send, b"y" * 50)  # room in the window: waits for the transport only
+    sender.join(0.3)
+    assert sender.is_alive(), f"send did not wait for the busy transport: {sender.exc!r}"
+
+    peer.upd(3, 1000, 1000)  # in flight 261044, window 1000: no room any more
+    peer.syn(2)  # barrier: once stream 2's data is read, the UPD was handled
+    peer.psh(2, b"sync")
+    assert recv_exact(session.accept_stream(timeout=5), 4) == b"sync"
+
+    assert peer.read_data(5, 262144) == b"h" * 262144  # the transport frees up
+    hog.result(5)
+    sender.join(0.3)
+    assert sender.is_alive(), f"send did not wait for window room: {sender.exc!r}"
+    peer.upd(3, 262144 - 100, 65536)  # everything read: room again
+    assert sender.result(5) == 50
+    assert peer.read_data(3, 50) == b"y" * 50
+    assert session.error is None
