@@ -490,3 +490,40 @@ def test_window_shrinking_while_a_sender_waits_for_the_transport(raw_session):
     assert sender.result(5) == 50
     assert peer.read_data(3, 50) == b"y" * 50
     assert session.error is None
+
+
+@pytest.mark.parametrize("version", [1, 2], ids=["v1", "v2"])
+def test_peer_ignoring_flow_control_cannot_make_the_session_buffer_more(raw_session, version):
+    """A peer that pushes data nobody reads (and, in v2, ignores the window) is
+    stopped by the session budget: the session stops reading the transport."""
+    budget = 1 << 20
+    session, peer = raw_session(version=version, max_receive_buffer=budget)
+    peer.syn(3)
+    st = accept(session, 3)
+    frame_bytes = peer.encode(CMD_PSH, 3, b"f" * 32768)
+    peer.sock.setblocking(False)
+    pushed = 0
+    idle_polls = 0
+    for _ in range(100_000):
+        try:
+            pushed += peer.sock.send(frame_bytes)
+            idle_polls = 0
+        except BlockingIOError:
+            idle_polls += 1
+            if idle_polls >= 20:  # nothing went in for ~200 ms: the session stopped reading
+                break
+            time.sleep(0.01)  # polling a full non-blocking socket
+        assert pushed < 64 << 20, "the session keeps reading unread data without a bound"
+    else:
+        raise AssertionError("never stopped")
+    peer.sock.setblocking(True)
+    buffered_bound = budget + 4 * 65536 + (2 << 20)  # budget + one read + socket buffers
+    assert pushed < buffered_bound, pushed
+    # Nothing is lost: read it all back (only whole frames count as sent).
+    whole = pushed // len(frame_bytes) * 32768
+    partial = pushed % len(frame_bytes)
+    if partial:
+        peer.send_raw(frame_bytes[partial:])
+        whole += 32768
+    assert recv_exact(st, whole) == b"f" * whole
+    assert session.error is None

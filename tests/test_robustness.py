@@ -183,3 +183,75 @@ def test_session_close_during_busy_io_ends_every_call_with_oserror(pair, seed):
     wait_until(lambda: client.closed and server.closed, 2)
     assert not isinstance(client.error, pysmux.ProtocolError), client.error
     assert not isinstance(server.error, pysmux.ProtocolError), server.error
+
+
+def test_stream_close_wakes_a_blocked_recv_and_send_on_that_stream(pair):
+    client, server = pair(version=2)
+    st = client.open_stream()
+    st.settimeout(5)
+    st.sendall(b"w" * 256 * 1024)  # the v2 window is full: the next send blocks
+    st.settimeout(None)
+    server.accept_stream(timeout=5)
+    blocked_recv = spawn(st.recv, 10)
+    blocked_send = spawn(st.sendall, b"more")
+    assert blocked_recv.started_call.wait(5) and blocked_send.started_call.wait(5)
+    blocked_recv.join(0.1)
+    blocked_send.join(0.1)
+    assert blocked_recv.is_alive() and blocked_send.is_alive()
+    t0 = time.monotonic()
+    st.close()
+    assert isinstance(blocked_recv.exception(2), OSError)
+    assert isinstance(blocked_send.exception(2), BrokenPipeError)
+    assert max(blocked_recv.finished_at, blocked_send.finished_at) - t0 < 1.0
+    assert not client.closed
+
+
+def test_send_of_nothing(pair):
+    client, server = pair()
+    st = client.open_stream()
+    assert st.send(b"") == 0
+    st.sendall(b"")
+    st.sendall(b"x")
+    assert server.accept_stream(timeout=5).recv(10) == b"x"
+
+
+def test_keepalive_ends_a_session_whose_transport_write_is_stuck():
+    """The peer neither answers nor reads: a writer blocked inside the transport
+    write is woken when the keepalive ends the session."""
+    cfg = pysmux.Config(keepalive_interval=0.1, keepalive_timeout=0.3)
+    mine, silent = socket.socketpair()
+    with mine, silent:
+        t0 = time.monotonic()
+        session = pysmux.client(mine, config=cfg)
+        try:
+            st = session.open_stream()
+            writer = spawn(st.sendall, b"x" * (8 << 20))
+            exc = writer.exception(timeout=5)
+            assert isinstance(exc, OSError), exc
+            assert writer.finished_at - t0 < 0.3 + 0.1 + 0.2
+            assert session.closed
+        finally:
+            session.close()
+
+
+@pytest.mark.parametrize(
+    ("version", "fields", "size"),
+    [
+        (1, {"max_frame_size": 1}, 20_000),
+        (2, {"max_frame_size": 1}, 20_000),
+        (1, {"max_frame_size": 65535}, 4 << 20),
+        (2, {"max_frame_size": 65535}, 4 << 20),
+        (2, {"max_stream_buffer": 1}, 5_000),
+        (2, {"max_stream_buffer": 1 << 20}, 8 << 20),
+        (2, {"max_stream_buffer": 100, "max_frame_size": 7}, 50_000),
+    ],
+    ids=str,
+)
+def test_frame_size_and_window_extremes(pair, version, fields, size):
+    client, server = pair(version=version, **fields)
+    data = payload(size, seed=size)
+    st = client.open_stream()
+    w = spawn(lambda: (st.sendall(data), st.shutdown(socket.SHUT_WR)))
+    back = spawn(lambda: recv_to_eof(server.accept_stream(timeout=5)))
+    assert sha256(back.result(60)) == sha256(data)
+    w.result(10)
