@@ -1,7 +1,8 @@
 """Helpers of the end-to-end tests: the shared test pattern, peer processes, threads.
 
 Nothing here sleeps to synchronise: every wait is on a condition (a line a peer
-printed, a thread ending, a blocking call returning) with a deadline.
+printed, a thread ending, a blocking call returning) with a deadline. Only
+``wait_until`` polls, for a counter that offers no blocking wait.
 """
 
 from __future__ import annotations
