@@ -70,6 +70,8 @@ _READ_BUFFER = 256 * 1024
 _MAX_FRAME = HEADER_SIZE + MAX_PAYLOAD
 #: A dropped PSH shorter than this counts as junk: it costs the peer little.
 _CHEAP_PAYLOAD = 512
+#: Refusal FINs queued before the reader waits for the writer to catch up.
+_MAX_QUEUED_REFUSALS = 1024
 #: How long close() lets queued control frames (such as FINs) reach the wire.
 _CLOSE_FLUSH_SECONDS = 0.5
 #: How long close() waits for the session's own tasks to end.
@@ -369,7 +371,9 @@ class Session:
         self._control.clear()
         self._control_taken = self._control_queued
         self._nop_queued = False
-        self._refusals_queued = 0
+        if self._refusals_queued:
+            self._refusals_queued = 0
+            self._reader_cond.notify()
         return frames
 
     def _send_data(
@@ -384,19 +388,24 @@ class Session:
             with lock:
                 self._wait_sendable(stream, deadline)
                 self._acquire_transport(stream, deadline)
+                error: OSError | None = None
+                count = 0
                 if stream._send_state != SEND_OPEN:
                     # Shut down while we queued: the FIN is queued, this data must not follow it.
                     error = stream._send_error()
-                    frames = None
                 else:
+                    # A UPD may have shrunk the window while we queued.
                     count = min(size - sent, max_frame, self._window(stream))
+                if count > 0:
                     stream._num_written = (stream._num_written + count) & _MASK
                     frames = self._take_control()
                     frames.append(encode_header(self._version, CMD_PSH, count, stream.id))
                     frames.append(view[sent : sent + count])
-            if frames is None:
+            if count <= 0:
                 self._release_transport()
-                raise error
+                if error is not None:
+                    raise error
+                continue
             try:
                 written = self._write_frames(frames)
             finally:
@@ -600,7 +609,11 @@ class Session:
                 if self._closed:
                     return
                 start = self._dispatch(view, start, end)
-                while self._buffered >= limit and not self._closed:
+                # Stop reading while applications (unread data) or the transport
+                # (refusal FINs not yet written) lag behind: memory stays bounded.
+                while not self._closed and (
+                    self._buffered >= limit or self._refusals_queued > _MAX_QUEUED_REFUSALS
+                ):
                     self._reader_paused = True
                     self._reader_cond.wait()
                 self._reader_paused = False
@@ -684,10 +697,6 @@ class Session:
         self._refused_streams += 1
         self._count_junk("refused SYN")
         self._refusals_queued += 1
-        if self._refusals_queued > self._config.accept_backlog:
-            raise ProtocolError(
-                errno.EPROTO, "peer keeps opening streams past the limits and reads no refusals"
-            )
         log.info("pysmux: refused stream %d (accept backlog or max_streams reached)", stream_id)
         self._queue_control(encode_header(self._version, CMD_FIN, 0, stream_id))
 
