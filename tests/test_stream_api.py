@@ -105,7 +105,7 @@ def test_non_blocking_send_succeeds_while_the_window_has_room(pair):
     even right after open_stream (when the SYN may be on its way out)."""
     client, server = pair(version=2)
     spurious = 0
-    for _ in range(300):
+    for _ in range(1000):
         st = client.open_stream()
         st.setblocking(False)
         try:
@@ -116,7 +116,7 @@ def test_non_blocking_send_succeeds_while_the_window_has_room(pair):
         peer = server.accept_stream(timeout=5)
         assert peer.recv(2) in (b"x", b"")
         peer.close()
-    assert spurious == 0, f"{spurious} of 300 non-blocking sends would-blocked with an open window"
+    assert spurious == 0, f"{spurious} of 1000 non-blocking sends would-blocked with an open window"
 
 
 def test_send_timeout_when_window_is_full(pair):
