@@ -72,6 +72,9 @@ _MAX_FRAME = HEADER_SIZE + MAX_PAYLOAD
 _CHEAP_PAYLOAD = 512
 #: Refusal FINs queued before the reader waits for the writer to catch up.
 _MAX_QUEUED_REFUSALS = 1024
+#: How long the reader waits for the application to make room in a full
+#: accept queue before it refuses new streams.
+_ACCEPT_STALL_SECONDS = 1.0
 #: How long close() lets queued control frames (such as FINs) reach the wire.
 _CLOSE_FLUSH_SECONDS = 0.5
 #: How long close() waits for the session's own tasks to end.
@@ -111,6 +114,10 @@ class Session:
         self._next_id = 3 if is_client else 2
         self._accept_queue: deque[Stream] = deque()
         self._accept_cond = rt.condition(lock)
+        # A SYN met a full accept queue: the reader waits for room (as Go does),
+        # then refuses until the application accepts again.
+        self._syn_stalled = False
+        self._refusing = False
         self._closed = False
         self._error: SmuxError | None = None
 
@@ -227,6 +234,9 @@ class Session:
             while True:
                 self._check_alive()
                 if self._accept_queue:
+                    if self._syn_stalled or self._refusing:
+                        self._refusing = False
+                        self._reader_cond.notify()
                     return self._accept_queue.popleft()
                 if deadline is None:
                     self._accept_cond.wait()
@@ -609,6 +619,8 @@ class Session:
                 if self._closed:
                     return
                 start = self._dispatch(view, start, end)
+                if self._syn_stalled:
+                    start = self._wait_for_accept(view, start, end)
                 # Stop reading while applications (unread data) or the transport
                 # (refusal FINs not yet written) lag behind: memory stays bounded.
                 while not self._closed and (
@@ -644,7 +656,30 @@ class Session:
             if payload_end > end:
                 break
             handler(stream_id, view[start + HEADER_SIZE : payload_end])
+            if self._syn_stalled:
+                break  # this SYN waits for room in the accept queue
             start = payload_end
+        return start
+
+    def _wait_for_accept(self, view: memoryview, start: int, end: int) -> int:
+        """The accept queue is full: wait for room, then refuse (lock held).
+
+        A burst of SYNs larger than the backlog is common (Go clients open many
+        streams at once) and a refused Go stream can hang (DESIGN.md 5.1), so
+        the reader first gives the application time to accept.
+        """
+        rt = self._runtime
+        deadline = rt.monotonic() + _ACCEPT_STALL_SECONDS
+        while self._syn_stalled and not self._closed:
+            remaining = deadline - rt.monotonic()
+            if len(self._accept_queue) < self._config.accept_backlog or remaining <= 0:
+                self._refusing = remaining <= 0
+                self._syn_stalled = False
+                start = self._dispatch(view, start, end)
+                deadline = rt.monotonic() + _ACCEPT_STALL_SECONDS
+                continue
+            self._reader_paused = True
+            self._reader_cond.wait(remaining)
         return start
 
     def _check_control_length(self, cmd: int, length: int) -> None:
@@ -685,19 +720,25 @@ class Session:
         if stream_id in self._streams:
             raise ProtocolError(errno.EPROTO, f"peer opened stream {stream_id}, which is open")
         cfg = self._config
-        if len(self._accept_queue) >= cfg.accept_backlog or len(self._streams) >= cfg.max_streams:
-            self._refuse(stream_id)
+        if len(self._streams) >= cfg.max_streams:
+            self._refuse(stream_id, "max_streams")
+            return
+        if len(self._accept_queue) >= cfg.accept_backlog:
+            if not self._refusing:
+                self._syn_stalled = True
+                return
+            self._refuse(stream_id, "accept_backlog")
             return
         stream = Stream(self, stream_id)
         self._streams[stream_id] = stream
         self._accept_queue.append(stream)
         self._accept_cond.notify()
 
-    def _refuse(self, stream_id: int) -> None:
+    def _refuse(self, stream_id: int, limit: str) -> None:
         self._refused_streams += 1
         self._count_junk("refused SYN")
         self._refusals_queued += 1
-        log.info("pysmux: refused stream %d (accept backlog or max_streams reached)", stream_id)
+        log.info("pysmux: refused stream %d: Config.%s reached", stream_id, limit)
         self._queue_control(encode_header(self._version, CMD_FIN, 0, stream_id))
 
     def _on_fin(self, stream_id: int, payload: memoryview) -> None:

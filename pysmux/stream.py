@@ -161,7 +161,7 @@ class Stream:
         if flags:
             raise ValueError("flags are not supported")
         with self._session._lock:
-            if not self._wait_readable():
+            if not self._wait_readable(bufsize):
                 return b""
             data = self._take(bufsize)
             self._session._consumed(self, len(data))

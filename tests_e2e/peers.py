@@ -469,6 +469,7 @@ class EchoHandler:
         self.errors: list[BaseException] = []
         self.echoed: dict[int, int] = {}
         self._lock = threading.Lock()
+        self._done = threading.Condition(self._lock)
         self._acceptor = threading.Thread(target=self._accept_loop, name="echo-accept", daemon=True)
         self._acceptor.start()
 
@@ -495,6 +496,14 @@ class EchoHandler:
                 self.errors.append(exc)
         with self._lock:
             self.echoed[st.id] = total
+            self._done.notify_all()
+
+    def wait_finished(self, count: int, timeout: float) -> None:
+        """Wait until ``count`` streams have reached EOF (or failed)."""
+        with self._done:
+            assert self._done.wait_for(lambda: len(self.echoed) >= count, timeout), (
+                f"only {len(self.echoed)} of {count} streams finished"
+            )
 
     def stop(self) -> None:
         self.sess.close()

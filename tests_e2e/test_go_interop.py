@@ -127,6 +127,8 @@ def test_echo_go_client_pysmux_server(
     handler = EchoHandler(sess)
     try:
         summary = peer.wait_for("summary", timeout=120)[0]
+        # Go's Close put each FIN on the wire before the summary; let them arrive.
+        handler.wait_finished(streams, timeout=30)
     finally:
         handler.stop()
     assert summary["ok"] == streams and summary["failed"] == 0, peer.describe()
