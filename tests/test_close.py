@@ -339,3 +339,33 @@ def test_transport_dies_while_a_data_frame_is_being_written(version):
             session.close()
             took = time.monotonic() - t0
         assert took < 1.0, f"close() took {took:.1f}s"
+
+
+def test_streams_of_a_dead_session_can_still_be_closed_and_inspected(pair):
+    client, _server = pair()
+    st = client.open_stream()
+    client.close()
+    assert isinstance(client.error, pysmux.SmuxError)
+    st.close()
+    st.close()
+    with pytest.raises(OSError) as info:
+        st.recv(1)
+    assert info.value.errno == errno.EBADF
+    with pytest.raises(BrokenPipeError):
+        st.send(b"x")
+
+
+def test_stream_closed_by_the_peer_before_accept_is_still_delivered(pair):
+    client, server = pair()
+    st = client.open_stream()
+    st.sendall(b"short life")
+    st.close()
+    marker = client.open_stream()
+    marker.sendall(b"m")
+    first = server.accept_stream(timeout=5)
+    second = server.accept_stream(timeout=5)
+    assert (first.id, second.id) == (st.id, marker.id)
+    assert recv_to_eof(first) == b"short life"
+    assert second.recv(1) == b"m"
+    first.close()
+    wait_until(lambda: client.num_streams == 1 and server.num_streams == 1, 2)

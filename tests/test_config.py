@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import re
 import socket
+import time
 
 import pytest
 
@@ -75,3 +76,23 @@ def test_unknown_runtime_rejected():
     a, b = socket.socketpair()
     with a, b, pytest.raises(ValueError, match="runtime"):
         pysmux.client(a, runtime="no-such-runtime")
+
+
+def test_config_must_be_a_config():
+    a, b = socket.socketpair()
+    with a, b, pytest.raises(TypeError):
+        pysmux.client(a, config={"version": 2})
+
+
+def test_version_mismatch_between_ends_is_a_protocol_error(pair):
+    p = pair(client_config=pysmux.Config(version=1), server_config=pysmux.Config(version=2))
+    client, server = p
+    st = client.open_stream()
+    st.sendall(b"hello")
+    deadline = time.monotonic() + 2
+    while not (server.closed and client.closed):
+        assert time.monotonic() < deadline, "sessions did not end"
+        time.sleep(0.005)  # polling session state until a deadline
+    assert isinstance(server.error, pysmux.ProtocolError)
+    with pytest.raises(pysmux.StreamResetError):
+        st.recv(1)
