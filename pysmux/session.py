@@ -68,8 +68,14 @@ _MAX_WINDOW = 2**31 - 1
 #: whole maximal frame fits behind it.
 _READ_BUFFER = 256 * 1024
 _MAX_FRAME = HEADER_SIZE + MAX_PAYLOAD
-#: A dropped PSH shorter than this counts as junk: it costs the peer little.
+#: A PSH for an unknown stream shorter than this counts as junk: it costs the
+#: peer little.
 _CHEAP_PAYLOAD = 512
+#: Ids of streams we closed that the peer may still legally send to (it has
+#: not seen our FIN yet, or old Go keeps writing): frames for them are not junk.
+_RECENTLY_CLOSED = 4096
+#: Bytes of non-blocking sends queued while another task holds the transport.
+_MAX_QUEUED_DATA = 256 * 1024
 #: Refusal FINs queued before the reader waits for the writer to catch up.
 _MAX_QUEUED_REFUSALS = 1024
 #: How long the reader waits for the application to make room in a full
@@ -129,6 +135,7 @@ class Session:
         self._junk = 0
         self._junk_since = rt.monotonic()
         self._dropped_frames = 0
+        self._recently_closed: dict[int, None] = {}  # insertion-ordered set
         self._refused_streams = 0
 
         # Send side.
@@ -142,6 +149,7 @@ class Session:
         self._control_written = 0
         self._nop_queued = False
         self._refusals_queued = 0
+        self._queued_data = 0
         self._writer_cond = rt.condition(lock)
         self._idle_cond = rt.condition(lock)
         self._sendmsg: Callable[[list[Any]], int] | None = None
@@ -322,6 +330,10 @@ class Session:
         done = stream._recv_state != RECV_OPEN and stream._send_state != SEND_OPEN
         if done and self._streams.get(stream.id) is stream:
             del self._streams[stream.id]
+            recent = self._recently_closed
+            recent[stream.id] = None
+            if len(recent) > _RECENTLY_CLOSED:
+                del recent[next(iter(recent))]
 
     # -- stream requests (lock held) -------------------------------------------------
 
@@ -381,6 +393,7 @@ class Session:
         self._control.clear()
         self._control_taken = self._control_queued
         self._nop_queued = False
+        self._queued_data = 0
         if self._refusals_queued:
             self._refusals_queued = 0
             self._reader_cond.notify()
@@ -397,6 +410,12 @@ class Session:
         while sent < size:
             with lock:
                 self._wait_sendable(stream, deadline)
+                if stream._timeout == 0.0 and self._tx_busy:
+                    # Non-blocking and another task is writing: queue the frame as
+                    # a socket would buffer it, up to a bound.
+                    count = self._queue_data(stream, view[sent:])
+                    sent += count
+                    break
                 self._acquire_transport(stream, deadline)
                 error: OSError | None = None
                 count = 0
@@ -427,6 +446,17 @@ class Session:
             if not whole:
                 break
         return sent
+
+    def _queue_data(self, stream: Stream, view: memoryview) -> int:
+        """Queue one data frame behind the transport's holder (lock held)."""
+        count = min(len(view), self._config.max_frame_size, self._window(stream))
+        if self._queued_data + count > _MAX_QUEUED_DATA:
+            raise BlockingIOError(errno.EAGAIN, "stream operation would block")
+        stream._num_written = (stream._num_written + count) & _MASK
+        header = encode_header(self._version, CMD_PSH, count, stream.id)
+        self._queued_data += count
+        self._queue_control(header + view[:count])
+        return count
 
     def _window(self, stream: Stream) -> int:
         """Bytes ``stream`` may send now (lock held)."""
@@ -729,6 +759,7 @@ class Session:
                 return
             self._refuse(stream_id, "accept_backlog")
             return
+        self._recently_closed.pop(stream_id, None)
         stream = Stream(self, stream_id)
         self._streams[stream_id] = stream
         self._accept_queue.append(stream)
@@ -741,23 +772,33 @@ class Session:
         log.info("pysmux: refused stream %d: Config.%s reached", stream_id, limit)
         self._queue_control(encode_header(self._version, CMD_FIN, 0, stream_id))
 
+    def _orphan(self, stream_id: int, what: str) -> None:
+        """A frame for a stream not in the table: junk unless we closed it recently."""
+        if stream_id not in self._recently_closed:
+            self._count_junk(what)
+
     def _on_fin(self, stream_id: int, payload: memoryview) -> None:
         stream = self._streams.get(stream_id)
-        if stream is None or stream._recv_state != RECV_OPEN:
-            self._count_junk("FIN for an unknown stream")
+        if stream is None:
+            self._orphan(stream_id, "FIN for an unknown stream")
             return
+        if stream._recv_state != RECV_OPEN:
+            return  # a second FIN, or we stopped reading: nothing changes
         stream._recv_state = RECV_EOF
         stream._wake()
         self._unregister_if_done(stream)
 
     def _on_psh(self, stream_id: int, payload: memoryview) -> None:
         length = len(payload)
+        if not length:
+            self._count_junk("empty PSH")
+            return
         stream = self._streams.get(stream_id)
-        if stream is None or stream._recv_state != RECV_OPEN or not length:
-            if length:
-                self._dropped_frames += 1
-            if length < _CHEAP_PAYLOAD:
-                self._count_junk("PSH carrying nothing deliverable")
+        if stream is None or stream._recv_state != RECV_OPEN:
+            # After our close or the peer's FIN (old Go writes after FIN): drop.
+            self._dropped_frames += 1
+            if stream is None and length < _CHEAP_PAYLOAD:
+                self._orphan(stream_id, "PSH for an unknown stream")
             return
         stream._chunks.append(bytes(payload))
         stream._recv_buffered += length
@@ -770,7 +811,7 @@ class Session:
     def _on_upd(self, stream_id: int, payload: memoryview) -> None:
         stream = self._streams.get(stream_id)
         if stream is None:
-            self._count_junk("UPD for an unknown stream")
+            self._orphan(stream_id, "UPD for an unknown stream")
             return
         consumed, window = UPD.unpack(payload)
         advance = (consumed - stream._peer_consumed) & _MASK
