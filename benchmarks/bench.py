@@ -29,6 +29,11 @@ protocol (9-byte header: mode byte + u64 little-endian argument) is the same as
 in ``gobench/main.go``. ``--profile DIR`` runs the Python ends under cProfile
 (every thread) and prints the top functions of each.
 
+Small-message latency depends on where the scheduler puts the two processes:
+on a VM a wake-up across CPUs can cost several times one on the same CPU.
+``--pin same`` puts both ends on one CPU (stable; shows software cost per round
+trip), ``--pin split`` on two.
+
 This is a script, never a timed test: numbers depend on the machine.
 """
 
@@ -326,14 +331,35 @@ def best(old: float | None, new: float, better: Callable[[float, float], float])
     return new if old is None else better(old, new)
 
 
-def run_row(row: Row, bulk_bytes: int, pings: int, timeout: float) -> None:
+def cpu_pinning(pin: str) -> tuple[Callable[[], None] | None, Callable[[], None] | None]:
+    """``preexec_fn`` for the server and the client process: ``none``, ``same`` or ``split``."""
+    if pin == "none":
+        return None, None
+    cpus = sorted(os.sched_getaffinity(0))
+    server_cpu, client_cpu = cpus[0], cpus[-1] if pin == "split" else cpus[0]
+    return (
+        lambda: os.sched_setaffinity(0, {server_cpu}),
+        lambda: os.sched_setaffinity(0, {client_cpu}),
+    )
+
+
+def run_row(row: Row, bulk_bytes: int, pings: int, timeout: float, pin: str) -> None:
     """One round of ``row``: fresh server and client processes, each test once."""
-    server = subprocess.Popen(row.server, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    pin_server, pin_client = cpu_pinning(pin)
+    server = subprocess.Popen(
+        row.server,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        preexec_fn=pin_server,
+    )
     try:
         port = read_port(server, 30)
         client = [*row.client, "--addr", f"127.0.0.1:{port}", "--bulk", str(bulk_bytes)]
         client += ["--pings", str(pings), "--repeat", "1"]
-        proc = subprocess.run(client, capture_output=True, text=True, timeout=timeout)
+        proc = subprocess.run(
+            client, capture_output=True, text=True, timeout=timeout, preexec_fn=pin_client
+        )
         if proc.returncode != 0:
             raise RuntimeError(f"client failed: {proc.stderr.strip()[-500:]}")
         result = json.loads(proc.stdout.strip().splitlines()[-1])
@@ -431,7 +457,7 @@ def orchestrate(args: argparse.Namespace) -> int:
     bulk_bytes = int(args.bulk_mib * (1 << 20))
     print(
         f"pysmux benchmark: bulk {args.bulk_mib:g} MiB, {args.pings} ping-pongs of 16 B, "
-        f"best of {args.repeat}"
+        f"best of {args.repeat}, CPU pinning: {args.pin}"
     )
     print(
         f"python {platform.python_version()} ({platform.python_implementation()}), "
@@ -506,7 +532,7 @@ def orchestrate(args: argparse.Namespace) -> int:
             for r in rows:
                 if not r.error:
                     print(f"round {round_}: {r.label} ...", file=sys.stderr, flush=True)
-                    run_row(r, bulk_bytes, args.pings, args.timeout)
+                    run_row(r, bulk_bytes, args.pings, args.timeout, args.pin)
     print()
     print_table(rows)
     if args.profile:
@@ -531,6 +557,12 @@ def main() -> int:
     p.add_argument("--gevent", action="store_true", help="add pysmux rows on the gevent runtime")
     p.add_argument("--only", nargs="+", metavar="TEXT", help="run rows whose label contains TEXT")
     p.add_argument("--timeout", type=float, default=600, help="seconds per row before giving up")
+    p.add_argument(
+        "--pin",
+        choices=["none", "same", "split"],
+        default="none",
+        help="CPU affinity: both ends on one CPU (same), on two (split), or free (default)",
+    )
     p.add_argument("--profile", metavar="DIR", help="cProfile pysmux ends into DIR")
     p.add_argument("--profile-top", type=int, default=25, help="functions to print per profile")
     # internal: the child processes
