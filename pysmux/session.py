@@ -152,6 +152,7 @@ class Session:
         self._queued_data = 0
         self._writer_cond = rt.condition(lock)
         self._idle_cond = rt.condition(lock)
+        self._idle_waiters = 0
         self._sendmsg: Callable[[list[Any]], int] | None = None
         if not isinstance(sock, ssl.SSLSocket) and hasattr(sock, "sendmsg"):
             self._sendmsg = sock.sendmsg
@@ -268,7 +269,7 @@ class Session:
                 remaining = deadline - rt.monotonic()
                 if remaining <= 0:
                     break
-                self._idle_cond.wait(remaining)
+                self._wait_idle(remaining)
         self._abort(SessionClosedError(errno.ECONNABORTED, "session closed locally"))
         for task in (self._writer, self._reader):
             if not rt.current_task_is(task):
@@ -316,7 +317,7 @@ class Session:
             self._accept_cond.notify_all()
             self._reader_cond.notify_all()
             self._writer_cond.notify_all()
-            self._idle_cond.notify_all()
+            self._notify_idle()
         if isinstance(error, ProtocolError):
             log.warning("pysmux: session ended: %s", error)
         else:
@@ -382,6 +383,8 @@ class Session:
 
     def _take_control(self) -> list[Any]:
         frames: list[Any] = []
+        if not self._control:
+            return frames
         window = self._config.max_stream_buffer
         for item in self._control:
             if isinstance(item, Stream):
@@ -498,6 +501,18 @@ class Session:
                 self._tx_waiters.remove(stream)
             raise
 
+    def _wait_idle(self, timeout: float | None) -> None:
+        """Wait for progress of the transport (lock held)."""
+        self._idle_waiters += 1
+        try:
+            self._idle_cond.wait(timeout)
+        finally:
+            self._idle_waiters -= 1
+
+    def _notify_idle(self) -> None:
+        if self._idle_waiters:
+            self._idle_cond.notify_all()
+
     def _release_transport(self) -> None:
         """Flush queued control frames, then hand the transport on (lock not held)."""
         while True:
@@ -505,7 +520,7 @@ class Session:
                 # Whatever was taken before this point has been written.
                 if self._control_written != self._control_taken:
                     self._control_written = self._control_taken
-                    self._idle_cond.notify_all()
+                    self._notify_idle()
                 frames = self._take_control() if not self._closed else None
                 if not frames:
                     if self._tx_waiters and not self._closed:
@@ -514,7 +529,7 @@ class Session:
                         nxt._wake()
                     else:
                         self._tx_busy = False
-                        self._idle_cond.notify_all()
+                        self._notify_idle()
                     return
             written = False
             try:
@@ -523,7 +538,7 @@ class Session:
                 if not written:
                     with self._lock:
                         self._tx_busy = False
-                        self._idle_cond.notify_all()
+                        self._notify_idle()
             if not written:
                 return
 
@@ -619,7 +634,7 @@ class Session:
     def _close_transport(self) -> None:
         with self._lock:
             while self._tx_busy:
-                self._idle_cond.wait()
+                self._wait_idle(None)
             self._tx_busy = True  # nobody writes to a closed socket
         with contextlib.suppress(OSError):
             self._sock.close()
