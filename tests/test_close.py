@@ -5,13 +5,21 @@ from __future__ import annotations
 
 import errno
 import socket
-import threading
 import time
 
 import pytest
 
 import pysmux
-from tests.util import payload, recv_exact, recv_to_eof, sha256, spawn, wait_until
+from tests.util import (
+    Barrier,
+    payload,
+    recv_exact,
+    recv_to_eof,
+    sha256,
+    socketpair,
+    spawn,
+    wait_until,
+)
 
 VERSIONS = pytest.mark.parametrize("version", [1, 2], ids=["v1", "v2"])
 
@@ -112,7 +120,7 @@ def test_buffered_data_is_readable_after_session_close_then_reset(pair):
 def test_session_close_idempotent_and_from_many_threads(pair):
     client, server = pair()
     streams = [client.open_stream() for _ in range(10)]
-    barrier = threading.Barrier(16)
+    barrier = Barrier(16)
 
     def closer():
         barrier.wait(5)
@@ -132,10 +140,13 @@ def test_session_close_idempotent_and_from_many_threads(pair):
     server.close()
 
 
-def test_session_context_manager_and_closed_flag():
-    a, b = socket.socketpair()
+def test_session_context_manager_and_closed_flag(runtime):
+    a, b = socketpair()
     with a, b:
-        with pysmux.client(a) as client, pysmux.server(b) as server:
+        with (
+            pysmux.client(a, runtime=runtime) as client,
+            pysmux.server(b, runtime=runtime) as server,
+        ):
             assert client.closed is False
             assert server.closed is False
             st = client.open_stream()
@@ -311,16 +322,17 @@ def test_peer_transport_closed_mid_transfer_never_clean_eof(pair, version):
 
 
 @pytest.mark.parametrize("version", [1, 2], ids=["v1", "v2"])
-def test_transport_dies_while_a_data_frame_is_being_written(version):
+def test_transport_dies_while_a_data_frame_is_being_written(runtime, version):
     """The writer is blocked inside the transport write when the peer goes away:
     the send fails, the session ends, and close() is prompt and leaves no thread."""
     import array
     import fcntl
     import termios
 
-    mine, theirs = socket.socketpair()
+    mine, theirs = socketpair()
     with mine, theirs:
-        session = pysmux.client(mine, config=pysmux.Config(version=version, keepalive=False))
+        cfg = pysmux.Config(version=version, keepalive=False)
+        session = pysmux.client(mine, config=cfg, runtime=runtime)
         try:
             st = session.open_stream()
             writer = spawn(st.sendall, b"x" * (8 << 20))  # nobody reads `theirs`

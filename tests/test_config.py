@@ -3,12 +3,11 @@
 from __future__ import annotations
 
 import re
-import socket
-import time
 
 import pytest
 
 import pysmux
+from tests.util import socketpair, wait_until
 
 
 def test_defaults_equal_go_default_config():
@@ -73,15 +72,15 @@ def test_invalid_value_raises_value_error_naming_field(field, kwargs):
 
 
 def test_unknown_runtime_rejected():
-    a, b = socket.socketpair()
+    a, b = socketpair()
     with a, b, pytest.raises(ValueError, match="runtime"):
         pysmux.client(a, runtime="no-such-runtime")
 
 
-def test_config_must_be_a_config():
-    a, b = socket.socketpair()
+def test_config_must_be_a_config(runtime):
+    a, b = socketpair()
     with a, b, pytest.raises(TypeError):
-        pysmux.client(a, config={"version": 2})
+        pysmux.client(a, config={"version": 2}, runtime=runtime)
 
 
 def test_version_mismatch_between_ends_is_a_protocol_error(pair):
@@ -89,10 +88,7 @@ def test_version_mismatch_between_ends_is_a_protocol_error(pair):
     client, server = p
     st = client.open_stream()
     st.sendall(b"hello")
-    deadline = time.monotonic() + 2
-    while not (server.closed and client.closed):
-        assert time.monotonic() < deadline, "sessions did not end"
-        time.sleep(0.005)  # polling session state until a deadline
+    wait_until(lambda: server.closed and client.closed, 2, "sessions end")
     assert isinstance(server.error, pysmux.ProtocolError)
     with pytest.raises(pysmux.StreamResetError):
         st.recv(1)

@@ -1,18 +1,27 @@
-"""The leak checks of the root conftest.py catch what they promise to catch.
+"""The root conftest.py does what it promises: every test runs on both runtimes,
+and leaked sockets, threads, greenlets and sessions fail the test that leaked them.
 
-Runs a small probe suite in a subprocess with a copy of the root conftest and
+Runs a small probe suite in a child pytest with a copy of the root conftest and
 the same warning filters as setup.cfg.
 """
 
 from __future__ import annotations
 
+import os
 import pathlib
 import shutil
 import subprocess
 import sys
 
+import pytest
+
+from tests import runtimes
+
 PROBES = """
 import socket, threading
+
+import pysmux
+from tests.util import Event, socketpair, spawn
 
 def test_leaked_socket():
     s = socket.socket()
@@ -27,32 +36,87 @@ def test_leaked_thread():
 
 def test_thread_that_ends_soon_is_fine():
     ev = threading.Event()
-    threading.Thread(target=ev.wait, args=(0.3,)).start()
+    threading.Thread(target=ev.wait, args=(0.1,)).start()
 
-def test_clean():
-    with socket.socket():
+def test_leaked_task():
+    ev = Event()
+    spawn(ev.wait, 4, name="probe-task")
+
+def test_task_that_ends_soon_is_fine():
+    ev = Event()
+    spawn(ev.wait, 0.1)
+
+PEERS = []  # the peer ends stay open (and referenced): the sessions have no reason to end
+
+def test_unclosed_session(runtime):
+    a, b = socketpair()
+    PEERS.append(b)
+    pysmux.client(a, runtime=runtime).open_stream()
+
+def test_clean(runtime):
+    a, b = socketpair()
+    with a, b, pysmux.client(a, runtime=runtime):
         pass
+
+def test_runtime_matches_sockets(runtime):
+    a, b = socketpair()
+    with a, b:
+        assert type(a).__module__.startswith("gevent") == (runtime == "gevent")
 """
 
+ROOT = pathlib.Path(__file__).resolve().parent.parent
 
-def test_root_conftest_catches_leaked_sockets_and_threads(tmp_path):
-    root = pathlib.Path(__file__).resolve().parent.parent
-    shutil.copy(root / "conftest.py", tmp_path / "conftest.py")
+
+def run_probes(tmp_path: pathlib.Path) -> str:
+    shutil.copy(ROOT / "conftest.py", tmp_path / "conftest.py")
     (tmp_path / "pytest.ini").write_text("[pytest]\nfilterwarnings =\n    error\n")
     (tmp_path / "test_probes.py").write_text(PROBES)
+    env = dict(os.environ)
+    env["PYTHONPATH"] = os.pathsep.join(p for p in (str(ROOT), env.get("PYTHONPATH")) if p)
+    env["PYSMUX_TEST_RUNTIME"] = "thread,gevent"
+    env["PYSMUX_TEST_LEAK_GRACE"] = "0.5"
     proc = subprocess.run(
         [sys.executable, "-m", "pytest", "-q", "-rA", "-p", "no:cacheprovider", "test_probes.py"],
         cwd=tmp_path,
+        env=env,
         capture_output=True,
         text=True,
-        timeout=60,
+        timeout=90,
     )
-    out = proc.stdout
-    assert proc.returncode == 1, out + proc.stderr
-    for name in ("test_leaked_socket", "test_leaked_socket_in_a_cycle", "test_leaked_thread"):
-        assert f"test_probes.py::{name} " in out and (
-            f"FAILED test_probes.py::{name} " in out or f"ERROR test_probes.py::{name} " in out
-        ), out
-    assert "PASSED test_probes.py::test_thread_that_ends_soon_is_fine" in out, out
-    assert "PASSED test_probes.py::test_clean" in out, out
-    assert "left 1 thread(s) running" in out, out
+    assert proc.returncode == 1, proc.stdout + proc.stderr
+    return proc.stdout
+
+
+@pytest.mark.runtime_independent(reason="the probes run in a child pytest, on both runtimes")
+def test_root_conftest_runs_both_runtimes_and_catches_leaks(tmp_path):
+    out = run_probes(tmp_path)
+    names = ["thread", "gevent"] if runtimes.gevent_available() else ["thread"]
+
+    def outcome(test: str, rt: str) -> str:
+        for word in ("FAILED", "ERROR", "PASSED"):  # -rA: an error at teardown follows PASSED
+            if f"{word} test_probes.py::{test}[{rt}]" in out:
+                return word
+        raise AssertionError(f"{test}[{rt}] did not run:\n{out}")
+
+    for rt in names:
+        for test in (
+            "test_leaked_socket",
+            "test_leaked_socket_in_a_cycle",
+            "test_leaked_thread",
+            "test_leaked_task",
+            "test_unclosed_session",
+        ):
+            assert outcome(test, rt) in ("FAILED", "ERROR"), (test, rt, out)
+        for test in (
+            "test_thread_that_ends_soon_is_fine",
+            "test_task_that_ends_soon_is_fine",
+            "test_clean",
+            "test_runtime_matches_sockets",
+        ):
+            assert outcome(test, rt) == "PASSED", (test, rt, out)
+    assert "left 1 thread(s) running: Thread" in out, out
+    assert "left 1 thread(s) running: probe-task" in out, out
+    if "gevent" in names:
+        assert "left 1 greenlet(s) running: probe-task" in out, out
+        assert "greenlet(s) running: pysmux-client-" in out, out
+    assert "thread(s) running: pysmux-client-" in out, out

@@ -2,13 +2,13 @@
 
 from __future__ import annotations
 
-import socket
 import time
 
 import pytest
 
 import pysmux
-from tests.util import recv_exact, spawn
+from tests.rawpeer import RawPeer
+from tests.util import recv_exact, sleep, socketpair, spawn
 
 INTERVAL, TIMEOUT = 0.1, 0.3
 
@@ -25,19 +25,20 @@ def test_idle_healthy_session_survives_many_timeout_periods(pair):
     while time.monotonic() < end:
         assert not client.closed, client.error
         assert not server.closed, server.error
-        time.sleep(0.01)  # observing an idle session for a fixed time, not synchronizing
+        sleep(0.01)  # observing an idle session for a fixed time, not synchronizing
     peer.sendall(b"still here")
     assert recv_exact(st, 10) == b"still here"
     assert client.error is None and server.error is None
 
 
 @pytest.mark.parametrize("role", ["client", "server"])
-def test_silent_peer_ends_session_within_timeout_plus_interval(role):
+def test_silent_peer_ends_session_within_timeout_plus_interval(runtime, role):
     cfg = pysmux.Config(keepalive_interval=INTERVAL, keepalive_timeout=TIMEOUT)
-    mine, silent = socket.socketpair()  # `silent` never reads or writes anything
+    mine, silent = socketpair()  # `silent` never reads or writes anything
     with mine, silent:
         t0 = time.monotonic()
-        session = (pysmux.client if role == "client" else pysmux.server)(mine, config=cfg)
+        factory = pysmux.client if role == "client" else pysmux.server
+        session = factory(mine, config=cfg, runtime=runtime)
         try:
             st = session.open_stream()
             blocked = spawn(st.recv, 10)
@@ -56,16 +57,16 @@ def test_silent_peer_ends_session_within_timeout_plus_interval(role):
             session.close()
 
 
-def test_keepalive_disabled_silent_peer_is_not_timed_out():
+def test_keepalive_disabled_silent_peer_is_not_timed_out(runtime):
     cfg = pysmux.Config(keepalive=False, keepalive_interval=0.05, keepalive_timeout=0.1)
-    mine, silent = socket.socketpair()
+    mine, silent = socketpair()
     with mine, silent:
-        session = pysmux.client(mine, config=cfg)
+        session = pysmux.client(mine, config=cfg, runtime=runtime)
         try:
             end = time.monotonic() + 0.5
             while time.monotonic() < end:
                 assert not session.closed, session.error
-                time.sleep(0.01)  # observing for a fixed time
+                sleep(0.01)  # observing for a fixed time
             silent.settimeout(0.2)
             with pytest.raises(TimeoutError):  # no NOPs were sent either
                 silent.recv(100)
@@ -73,13 +74,11 @@ def test_keepalive_disabled_silent_peer_is_not_timed_out():
             session.close()
 
 
-def test_peer_receives_nops_at_the_interval():
+def test_peer_receives_nops_at_the_interval(runtime):
     cfg = pysmux.Config(keepalive_interval=INTERVAL, keepalive_timeout=10 * INTERVAL)
-    from tests.rawpeer import RawPeer
-
-    mine, theirs = socket.socketpair()
+    mine, theirs = socketpair()
     with mine, theirs:
-        session = pysmux.server(mine, config=cfg)
+        session = pysmux.server(mine, config=cfg, runtime=runtime)
         try:
             peer = RawPeer(theirs)
             t0 = time.monotonic()

@@ -17,7 +17,7 @@ import pytest
 
 import pysmux
 from pysmux.frame import CMD_FIN, CMD_NOP, CMD_PSH, CMD_SYN, CMD_UPD, encode_header
-from tests.util import recv_exact, recv_to_eof, spawn, wait_until
+from tests.util import recv_exact, recv_to_eof, sleep, spawn, wait_until
 
 
 def assert_protocol_error(session, peer, within=1.0):
@@ -515,7 +515,7 @@ def test_peer_ignoring_flow_control_cannot_make_the_session_buffer_more(raw_sess
             idle_polls += 1
             if idle_polls >= 20:  # nothing went in for ~200 ms: the session stopped reading
                 break
-            time.sleep(0.01)  # polling a full non-blocking socket
+            sleep(0.01)  # polling a full non-blocking socket
         assert pushed < 64 << 20, "the session keeps reading unread data without a bound"
     else:
         raise AssertionError("never stopped")

@@ -5,13 +5,23 @@ from __future__ import annotations
 
 import random
 import socket
-import threading
 import time
 
 import pytest
 
 import pysmux
-from tests.util import payload, recv_exact, recv_to_eof, sha256, spawn, wait_until
+from tests.util import (
+    Barrier,
+    Event,
+    payload,
+    recv_exact,
+    recv_to_eof,
+    sha256,
+    sleep,
+    socketpair,
+    spawn,
+    wait_until,
+)
 
 
 @pytest.mark.parametrize("version", [1, 2], ids=["v1", "v2"])
@@ -91,7 +101,7 @@ def test_concurrent_sendall_on_one_stream_does_not_interleave(pair):
     st = client.open_stream()
     size = 1 << 20
     blocks = {b"a": b"a" * size, b"b": b"b" * size, b"c": b"c" * size}
-    barrier = threading.Barrier(3)
+    barrier = Barrier(3)
 
     def write(block):
         barrier.wait(5)
@@ -139,7 +149,7 @@ def test_v1_stalled_session_is_not_a_keepalive_timeout(pair):
     while time.monotonic() < end:
         assert not server.closed, server.error
         assert not client.closed, client.error
-        time.sleep(0.01)  # observing for a fixed time
+        sleep(0.01)  # observing for a fixed time
     assert w.is_alive()
     assert sha256(recv_exact(peer, len(data))) == sha256(data)
     w.result(10)
@@ -153,7 +163,7 @@ def test_session_close_during_busy_io_ends_every_call_with_oserror(pair, seed):
     n = 12
     streams = [client.open_stream() for _ in range(n)]
     peers = [server.accept_stream(timeout=5) for _ in range(n)]
-    stop = threading.Event()
+    stop = Event()
 
     def pump(stream, k):
         r = random.Random(k)
@@ -173,7 +183,7 @@ def test_session_close_during_busy_io_ends_every_call_with_oserror(pair, seed):
     # Let traffic flow, then close one side at a random moment.
     deadline = time.monotonic() + rng.uniform(0.05, 0.3)
     while time.monotonic() < deadline:
-        time.sleep(0.01)  # letting the traffic run for a random time
+        sleep(0.01)  # letting the traffic run for a random time
     t0 = time.monotonic()
     (client if rng.random() < 0.5 else server).close()
     stop.set()
@@ -216,14 +226,14 @@ def test_send_of_nothing(pair):
     assert server.accept_stream(timeout=5).recv(10) == b"x"
 
 
-def test_keepalive_ends_a_session_whose_transport_write_is_stuck():
+def test_keepalive_ends_a_session_whose_transport_write_is_stuck(runtime):
     """The peer neither answers nor reads: a writer blocked inside the transport
     write is woken when the keepalive ends the session."""
     cfg = pysmux.Config(keepalive_interval=0.1, keepalive_timeout=0.3)
-    mine, silent = socket.socketpair()
+    mine, silent = socketpair()
     with mine, silent:
         t0 = time.monotonic()
-        session = pysmux.client(mine, config=cfg)
+        session = pysmux.client(mine, config=cfg, runtime=runtime)
         try:
             st = session.open_stream()
             writer = spawn(st.sendall, b"x" * (8 << 20))

@@ -8,7 +8,7 @@ import time
 
 import pytest
 
-from tests.util import recv_exact, spawn
+from tests.util import recv_exact, sleep, spawn
 
 INITIAL_WINDOW = 256 * 1024  # what a v2 sender assumes before the first UPD
 
@@ -82,7 +82,7 @@ def test_non_blocking_recv_raises_blocking_io_error(streams):
             break
         except BlockingIOError:
             assert time.monotonic() < deadline, "data never arrived"
-            time.sleep(0.001)  # polling a non-blocking stream, as one would a socket
+            sleep(0.001)  # polling a non-blocking stream, as one would a socket
 
 
 def test_non_blocking_send_raises_blocking_io_error_when_window_is_full(pair):

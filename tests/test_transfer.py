@@ -5,13 +5,12 @@ server writing right after accept."""
 from __future__ import annotations
 
 import hashlib
-import queue
 import random
 import socket
 
 import pytest
 
-from tests.util import payload, recv_exact, recv_to_eof, sha256, spawn, wait_until
+from tests.util import Queue, payload, recv_exact, recv_to_eof, sha256, spawn, wait_until
 
 VERSIONS = pytest.mark.parametrize("version", [1, 2], ids=["v1", "v2"])
 
@@ -160,7 +159,7 @@ def test_thousand_concurrent_streams_checksummed(pair, version):
     assert all(i % 2 == 1 for i in ids)
     assert client.num_streams == n_streams
 
-    accepted: queue.Queue = queue.Queue()
+    accepted = Queue()
 
     def acceptor():
         for _ in range(n_streams):

@@ -5,36 +5,61 @@ from __future__ import annotations
 import hashlib
 import random
 import socket
-import threading
 from typing import Any
 
 import pytest
 
 import pysmux
 from pysmux import session as session_module
+from tests.util import socketpair, spawn
 
 
-class ChoppyTransport:
-    """A socket whose ``sendmsg`` writes only a few bytes per call, as a slow
-    kernel or a signal may make it do; everything else is the socket's."""
+def choppy_transport(sock: Any, seed: int) -> Any:
+    """``sock`` as a socket whose ``sendmsg`` writes only a few bytes per call, as
+    a slow kernel or a signal may make it do. It is of a subclass of the
+    socket's own class (plain or gevent), so either runtime accepts it."""
 
-    def __init__(self, sock: socket.socket, seed: int) -> None:
-        self._sock = sock
-        self._random = random.Random(seed)
-        self.calls = 0
+    class ChoppySocket(type(sock)):  # type: ignore[misc]
+        def sendmsg(self, buffers: list[Any], *args: Any) -> int:
+            self.calls += 1
+            data = b"".join(bytes(b) for b in buffers)
+            return self.send(data[: self.random.randint(1, 40)])
 
-    def sendmsg(self, buffers: list[Any]) -> int:
-        self.calls += 1
-        data = b"".join(bytes(b) for b in buffers)
-        limit = self._random.randint(1, 40)
-        return self._sock.send(data[:limit])
+    choppy = ChoppySocket(sock.family, sock.type, sock.proto, fileno=sock.detach())
+    choppy.calls = 0
+    choppy.random = random.Random(seed)
+    return choppy
 
-    def __getattr__(self, name: str) -> Any:
-        return getattr(self._sock, name)
+
+def sendall_only_transport(sock: Any) -> Any:
+    """``sock`` as a transport without ``sendmsg`` (as ``ssl.SSLSocket`` in effect).
+
+    On threads: a plain object with only the methods a session may use. On
+    gevent, whose runtime accepts only gevent sockets: a gevent socket subclass
+    that hides ``sendmsg`` (gevent sockets also forward unknown names to the
+    OS socket, hence both hooks).
+    """
+    if not type(sock).__module__.startswith("gevent"):
+        return SendallOnlyTransport(sock)
+
+    class NoSendmsgSocket(type(sock)):  # type: ignore[misc]
+        def __getattribute__(self, name: str) -> Any:
+            if name == "sendmsg":
+                raise AttributeError(name)
+            return super().__getattribute__(name)
+
+        def __getattr__(self, name: str) -> Any:
+            if name == "sendmsg":
+                raise AttributeError(name)
+            return super().__getattr__(name)
+
+    transport = NoSendmsgSocket(sock.family, sock.type, sock.proto, fileno=sock.detach())
+    assert not hasattr(transport, "sendmsg")
+    return transport
 
 
 class SendallOnlyTransport:
-    """A transport without ``sendmsg`` (as ``ssl.SSLSocket`` in effect)."""
+    """A transport without ``sendmsg``: only what a session needs."""
 
     def __init__(self, sock: socket.socket) -> None:
         self._sock = sock
@@ -60,27 +85,25 @@ def transfer(client: pysmux.Session, server: pysmux.Session, size: int) -> None:
             chunks.append(data)
         done.append(b"".join(chunks))
 
-    reader = threading.Thread(target=read_all)
-    reader.start()
+    reader = spawn(read_all)
     try:
         st.sendall(payload)
         st.shutdown(socket.SHUT_WR)
     finally:
-        reader.join(30)
-    assert not reader.is_alive()
+        reader.result(30)
     assert hashlib.sha256(done[0]).digest() == hashlib.sha256(payload).digest()
     st.close()
     peer.close()
 
 
 @pytest.mark.parametrize("version", [1, 2])
-def test_partial_sendmsg_writes_are_completed(version: int) -> None:
+def test_partial_sendmsg_writes_are_completed(runtime: str, version: int) -> None:
     """A transport that accepts a few bytes per call still gets whole frames in order."""
-    a, b = socket.socketpair()
-    choppy = ChoppyTransport(a, seed=version)
+    a, b = socketpair()
+    choppy = choppy_transport(a, seed=version)
     cfg = pysmux.Config(version=version)
-    client = pysmux.client(choppy, config=cfg)
-    server = pysmux.server(b, config=cfg)
+    client = pysmux.client(choppy, config=cfg, runtime=runtime)
+    server = pysmux.server(b, config=cfg, runtime=runtime)
     try:
         transfer(client, server, 200_000)
         assert choppy.calls > 200_000 // 40  # the partial-write loop really ran
@@ -91,19 +114,21 @@ def test_partial_sendmsg_writes_are_completed(version: int) -> None:
 
 
 @pytest.mark.parametrize("version", [1, 2])
-def test_transport_without_sendmsg_uses_sendall(version: int) -> None:
+def test_transport_without_sendmsg_uses_sendall(runtime: str, version: int) -> None:
     """Socket-like objects without sendmsg (TLS sockets) carry the same bytes."""
-    a, b = socket.socketpair()
+    a, b = socketpair()
+    transport = sendall_only_transport(a)
     cfg = pysmux.Config(version=version)
-    client = pysmux.client(SendallOnlyTransport(a), config=cfg)
-    server = pysmux.server(b, config=cfg)
+    client = pysmux.client(transport, config=cfg, runtime=runtime)
+    server = pysmux.server(b, config=cfg, runtime=runtime)
     try:
         transfer(client, server, 1_000_000)
         assert client.error is None and server.error is None
     finally:
         client.close()
         server.close()
-    assert a.fileno() == -1  # the session closed the transport it owns
+    owned = a if isinstance(transport, SendallOnlyTransport) else transport
+    assert owned.fileno() == -1 and b.fileno() == -1  # the sessions closed their transports
 
 
 def test_stream_ids_exhausted_is_a_clear_error(pair: Any) -> None:

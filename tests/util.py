@@ -1,20 +1,33 @@
-"""Helpers for the pysmux tests: condition waits with deadlines, worker threads
-that hand back results or exceptions, exact reads, seeded payloads."""
+"""Helpers for the pysmux tests: condition waits with deadlines, workers (threads
+or greenlets, per the test's runtime) that hand back results or exceptions,
+exact reads, seeded payloads.
+
+The concurrency helpers (``spawn``, ``Event``, ``Queue``, ``Barrier``,
+``sleep``, ``socketpair``, ``wait_until``) act on the runtime of the running
+test (``tests/runtimes.py``): threads and plain sockets on ``thread``,
+greenlets and gevent sockets on ``gevent``.
+"""
 
 from __future__ import annotations
 
 import hashlib
 import random
-import threading
 import time
 from collections.abc import Callable
 from typing import Any
 
+from tests.runtimes import Worker, current
+
 __all__ = [
+    "Barrier",
+    "Event",
+    "Queue",
     "Worker",
     "payload",
     "recv_exact",
     "recv_to_eof",
+    "sleep",
+    "socketpair",
     "spawn",
     "wait_until",
 ]
@@ -24,54 +37,39 @@ def wait_until(predicate: Callable[[], object], timeout: float = 5.0, what: str 
     """Poll ``predicate`` until true; AssertionError after ``timeout`` seconds."""
     deadline = time.monotonic() + timeout
     delay = 0.001
+    harness = current()
     while not predicate():
         if time.monotonic() >= deadline:
             raise AssertionError(f"condition not met within {timeout}s: {what or predicate}")
-        time.sleep(min(delay, max(0.0, deadline - time.monotonic())))  # poll, bounded
+        harness.sleep(min(delay, max(0.0, deadline - time.monotonic())))  # poll, bounded
         delay = min(delay * 2, 0.02)
 
 
-class Worker(threading.Thread):
-    """A daemon thread running ``fn(*args)``; ``result()`` returns its value or
-    re-raises its exception, and fails if it is not done within ``timeout``."""
-
-    def __init__(self, fn: Callable[..., Any], *args: Any, name: str | None = None) -> None:
-        super().__init__(name=name or f"test-{getattr(fn, '__name__', 'worker')}", daemon=True)
-        self._fn = fn
-        self._args = args
-        self._value: Any = None
-        self.exc: BaseException | None = None
-        self.started_call = threading.Event()
-        self.finished_at: float | None = None
-
-    def run(self) -> None:
-        try:
-            self.started_call.set()
-            self._value = self._fn(*self._args)
-        except BaseException as exc:
-            self.exc = exc
-        finally:
-            self.finished_at = time.monotonic()
-
-    def result(self, timeout: float = 30.0) -> Any:
-        self.join(timeout)
-        if self.is_alive():
-            raise AssertionError(f"{self.name} still running after {timeout}s")
-        if self.exc is not None:
-            raise self.exc
-        return self._value
-
-    def exception(self, timeout: float = 30.0) -> BaseException | None:
-        self.join(timeout)
-        if self.is_alive():
-            raise AssertionError(f"{self.name} still running after {timeout}s")
-        return self.exc
-
-
 def spawn(fn: Callable[..., Any], *args: Any, name: str | None = None) -> Worker:
-    w = Worker(fn, *args, name=name)
-    w.start()
-    return w
+    """Run ``fn(*args)`` in a new thread (or greenlet, on gevent)."""
+    return current().spawn(fn, *args, name=name)
+
+
+def sleep(seconds: float) -> None:
+    """``time.sleep``, or ``gevent.sleep`` on gevent. Never a way to synchronise."""
+    current().sleep(seconds)
+
+
+def Event() -> Any:
+    return current().Event()
+
+
+def Queue() -> Any:
+    return current().Queue()
+
+
+def Barrier(parties: int) -> Any:
+    return current().Barrier(parties)
+
+
+def socketpair() -> tuple[Any, Any]:
+    """A connected pair of sockets of the test's runtime."""
+    return current().socketpair()
 
 
 def recv_exact(stream: Any, n: int) -> bytes:
