@@ -77,6 +77,8 @@ class Runtime(Protocol):
 
     def check_transport(self, sock: object) -> None: ...
 
+    def direct_reads(self) -> bool: ...
+
 
 class ThreadRuntime:
     """Plain OS threads (the default)."""
@@ -98,6 +100,12 @@ class ThreadRuntime:
         return threading.current_thread() is task
 
     monotonic = staticmethod(time.monotonic)
+
+    def direct_reads(self) -> bool:
+        """Stream readers may read the transport themselves: a thread hand-off
+        costs tens of microseconds. Not in a monkey-patched process, where
+        threads are greenlets and ``select.poll`` is gone."""
+        return not gevent_patched()
 
     def check_transport(self, sock: object) -> None:
         """A gevent socket works on threads only when threads are greenlets (patched)."""
@@ -199,6 +207,10 @@ class GeventRuntime:
         return isinstance(task, _GreenletTask) and task.greenlet is self._gevent.getcurrent()
 
     monotonic = staticmethod(time.monotonic)
+
+    def direct_reads(self) -> bool:
+        """Greenlet switches are cheap: the reader greenlet reads everything."""
+        return False
 
     def check_transport(self, sock: object) -> None:
         """A blocking OS socket would freeze every greenlet: refuse it."""

@@ -91,8 +91,9 @@ class Stream:
         self._closed = False
         self._io_refs = 0
         self._timeout: float | None = session._default_timeout
-        # Receive buffer: whole payloads, the first one read from offset _head.
-        self._chunks: deque[bytes] = deque()
+        # Receive buffer: whole payloads, the first one read from offset _head;
+        # made on the first payload, so an idle stream stays small.
+        self._chunks: deque[bytes] | None = None
         self._head = 0
         self._recv_buffered = 0
         # Created on first wait: an idle stream stays small.
@@ -195,12 +196,13 @@ class Stream:
                 raise self._session._reset_error(self.id)
             if deadline is None:
                 deadline = self._deadline()
-            self._wait(deadline)
+            self._session._await_frames(self, deadline)
             self._check_open()
         return want > 0
 
     def _take(self, size: int) -> bytes:
         chunks = self._chunks
+        assert chunks is not None  # data is buffered
         first = chunks[0]
         head = self._head
         if head == 0 and len(first) <= size:
@@ -213,6 +215,7 @@ class Stream:
 
     def _take_into_list(self, size: int) -> list[bytes | memoryview]:
         chunks = self._chunks
+        assert chunks is not None  # data is buffered
         out: list[bytes | memoryview] = []
         while size and chunks:
             first = chunks[0]
@@ -240,7 +243,7 @@ class Stream:
 
     def _drop_buffer(self) -> int:
         dropped = self._recv_buffered
-        self._chunks.clear()
+        self._chunks = None
         self._head = 0
         self._recv_buffered = 0
         return dropped
