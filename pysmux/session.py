@@ -191,7 +191,7 @@ class Session:
         self._idle_cond = rt.condition(lock)
         self._idle_waiters = 0
         self._sendmsg: Callable[[list[Any]], int] | None = None
-        if not isinstance(sock, ssl.SSLSocket) and hasattr(sock, "sendmsg"):
+        if hasattr(sock, "sendmsg"):
             self._sendmsg = sock.sendmsg
 
         self._prepare_transport(sock)
@@ -602,11 +602,15 @@ class Session:
         """
         try:
             sendmsg = self._sendmsg
+            if sendmsg is not None:
+                try:
+                    sent = sendmsg(parts)
+                except NotImplementedError:  # TLS sockets, gevent's included
+                    self._sendmsg = sendmsg = None
             if sendmsg is None:
                 self._sock.sendall(b"".join(parts))
                 return True
             total = sum(len(p) for p in parts)
-            sent = sendmsg(parts)
             while sent < total:
                 total -= sent
                 while sent >= len(parts[0]):
