@@ -449,19 +449,23 @@ def test_out_of_order_syns_all_accepted(gopeer: StartPeer, net: Net, version: in
     """Go opens streams from many goroutines at once and puts their SYNs on the wire out
     of id order; pysmux accepts every one of them (ids need not increase)."""
     n = 256
-    peer, sess = py_server(
-        gopeer, net, version, ("-mode=openmany", f"-streams={n}", f"-workers={n}")
-    )
-    order: list[int] = []
-    with TaskGroup(sess.close) as tasks:
-        tasks.spawn(answer_openmany, sess, order, lambda: len(order) == n)
-    assert sorted(order) == odd_ids(n)
-    inversions = sum(1 for a, b in itertools.pairwise(order) if b < a)
-    assert inversions > 0, "Go sent its SYNs in order: this run proved nothing"
-    summary = peer.wait_for("summary")[0]
-    assert summary["ok"] == n and summary["failed"] == 0, peer.describe()
-    assert not any(e.get("refused") for e in peer.events("stream"))
-    assert sess.refused_streams == 0
+    # Goroutine scheduling decides the order: about 1 run in 40 comes out sorted, so
+    # a run proves something only once some SYN arrived out of order (up to 4 runs).
+    for _ in range(4):
+        peer, sess = py_server(
+            gopeer, net, version, ("-mode=openmany", f"-streams={n}", f"-workers={n}")
+        )
+        order: list[int] = []
+        with TaskGroup(sess.close) as tasks:
+            tasks.spawn(answer_openmany, sess, order, lambda got=order: len(got) == n)
+        assert sorted(order) == odd_ids(n)
+        summary = peer.wait_for("summary")[0]
+        assert summary["ok"] == n and summary["failed"] == 0, peer.describe()
+        assert not any(e.get("refused") for e in peer.events("stream"))
+        assert sess.refused_streams == 0
+        if any(b < a for a, b in itertools.pairwise(order)):
+            return
+    pytest.fail("Go sent its SYNs in order in every run: the test proved nothing")
 
 
 @VERSIONS
