@@ -201,6 +201,10 @@ class Harness:
         """``os.read`` that lets other tasks run while it waits (pipes of child processes)."""
         raise NotImplementedError
 
+    def SSLContext(self, protocol: int) -> Any:
+        """An ``ssl.SSLContext`` whose ``wrap_socket`` makes sockets of this runtime."""
+        raise NotImplementedError
+
 
 class ThreadHarness(Harness):
     name = "thread"
@@ -233,6 +237,11 @@ class ThreadHarness(Harness):
 
     def read_fd(self, fd: int, size: int) -> bytes:
         return os.read(fd, size)
+
+    def SSLContext(self, protocol: int) -> Any:
+        import ssl
+
+        return ssl.SSLContext(protocol)
 
 
 class _GreenWorker(Worker):
@@ -368,6 +377,11 @@ class GeventHarness(Harness):
     def read_fd(self, fd: int, size: int) -> bytes:
         self._gos.make_nonblocking(fd)
         return bytes(self._gos.nb_read(fd, size))
+
+    def SSLContext(self, protocol: int) -> Any:
+        import gevent.ssl
+
+        return gevent.ssl.SSLContext(protocol)
 
 
 _HARNESSES: dict[str, Harness] = {}

@@ -10,14 +10,15 @@ from __future__ import annotations
 
 import os
 import shutil
-import socket
 import subprocess
 from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 
 import pysmux
+from tests.runtimes import current
 
 from .peers import HERE, PeerProcess, pypeer_argv, pypeer_env
 
@@ -87,12 +88,13 @@ def gopeer(gopeer_binary: str) -> Iterator[StartPeer]:
 
 
 @pytest.fixture
-def pypeer() -> Iterator[StartPeer]:
-    """Start Python peers (tests_e2e/pypeer.py) in child processes; stopped and reaped after."""
+def pypeer(runtime: str) -> Iterator[StartPeer]:
+    """Start Python peers (tests_e2e/pypeer.py) in child processes, on the test's runtime
+    (gevent: a monkey-patched child); stopped and reaped after."""
     procs: list[PeerProcess] = []
 
     def start(*args: str) -> PeerProcess:
-        peer = PeerProcess(pypeer_argv(*args), env=pypeer_env())
+        peer = PeerProcess(pypeer_argv(*args, f"--runtime={runtime}"), env=pypeer_env())
         procs.append(peer)
         return peer
 
@@ -102,37 +104,43 @@ def pypeer() -> Iterator[StartPeer]:
 
 
 class Net:
-    """Loopback sockets and pysmux sessions of one test, all closed in teardown."""
+    """Loopback sockets and pysmux sessions of one test, all closed in teardown.
 
-    def __init__(self) -> None:
-        self.sockets: list[socket.socket] = []
+    Sockets are plain or gevent ones and sessions get ``runtime=``, after the
+    test's runtime.
+    """
+
+    def __init__(self, runtime: str) -> None:
+        self.runtime = runtime
+        self.harness = current()
+        self.sockets: list[Any] = []
         self.sessions: list[pysmux.Session] = []
 
-    def listen(self) -> socket.socket:
-        lsock = socket.create_server(("127.0.0.1", 0))
+    def listen(self) -> Any:
+        lsock = self.harness.listen("127.0.0.1")
         lsock.settimeout(20)
         self.sockets.append(lsock)
         return lsock
 
-    def accept(self, lsock: socket.socket) -> socket.socket:
+    def accept(self, lsock: Any) -> Any:
         conn, _ = lsock.accept()
         conn.settimeout(None)
         self.sockets.append(conn)
         return conn
 
-    def connect(self, addr: tuple[str, int]) -> socket.socket:
-        sock = socket.create_connection(addr, timeout=20)
+    def connect(self, addr: tuple[str, int]) -> Any:
+        sock = self.harness.connect(addr, timeout=20)
         sock.settimeout(None)
         self.sockets.append(sock)
         return sock
 
-    def client(self, sock: socket.socket, **config: object) -> pysmux.Session:
-        sess = pysmux.client(sock, config=pysmux.Config(**config))  # type: ignore[arg-type]
+    def client(self, sock: Any, **config: Any) -> pysmux.Session:
+        sess = pysmux.client(sock, config=pysmux.Config(**config), runtime=self.runtime)
         self.sessions.append(sess)
         return sess
 
-    def server(self, sock: socket.socket, **config: object) -> pysmux.Session:
-        sess = pysmux.server(sock, config=pysmux.Config(**config))  # type: ignore[arg-type]
+    def server(self, sock: Any, **config: Any) -> pysmux.Session:
+        sess = pysmux.server(sock, config=pysmux.Config(**config), runtime=self.runtime)
         self.sessions.append(sess)
         return sess
 
@@ -144,7 +152,7 @@ class Net:
 
 
 @pytest.fixture
-def net() -> Iterator[Net]:
-    n = Net()
+def net(runtime: str) -> Iterator[Net]:
+    n = Net(runtime)
     yield n
     n.close()

@@ -1,7 +1,10 @@
-"""Helpers of the end-to-end tests: the shared test pattern, peer processes, threads.
+"""Helpers of the end-to-end tests: the shared test pattern, peer processes, tasks.
+
+Tasks are threads or greenlets, conditions and pipe reads are threading or
+gevent ones, after the runtime of the running test (``tests/runtimes.py``).
 
 Nothing here sleeps to synchronise: every wait is on a condition (a line a peer
-printed, a thread ending, a blocking call returning) with a deadline. Only
+printed, a task ending, a blocking call returning) with a deadline. Only
 ``wait_until`` polls, for a counter that offers no blocking wait.
 """
 
@@ -15,13 +18,13 @@ import os
 import signal
 import subprocess
 import sys
-import threading
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
 import pysmux
+from tests.runtimes import Worker, current
 
 HERE = Path(__file__).resolve().parent
 REPO = HERE.parent
@@ -124,7 +127,7 @@ def recv_until_error(st: pysmux.Stream, limit: int = 1 << 31) -> tuple[int, Base
 
 
 def echo_roundtrip(st: pysmux.Stream, seed: int, n: int, tasks: TaskGroup) -> str:
-    """Send ``n`` pattern bytes from a helper thread while reading ``n`` bytes back here.
+    """Send ``n`` pattern bytes from a helper task while reading ``n`` bytes back here.
 
     Reading while writing matters: with v1's shared budget a writer that does
     not read can stall the whole session. Returns the SHA-256 of what came back.
@@ -145,7 +148,7 @@ class Progress:
     """Readers that report how far they got, so a test can wait for data in flight."""
 
     def __init__(self) -> None:
-        self.cond = threading.Condition()
+        self.cond = current().Condition()
         self.counts: dict[int, int] = {}
 
     def read_until_error(self, st: pysmux.Stream) -> tuple[int, BaseException]:
@@ -199,26 +202,29 @@ def read_while_killing(
 def wait_until(pred: Callable[[], bool], timeout: float, interval: float = 0.01) -> None:
     """Poll ``pred`` until it holds, for state that has no blocking wait (a counter)."""
     deadline = time.monotonic() + timeout
+    harness = current()
     while not pred():
         assert time.monotonic() < deadline, f"condition not met in {timeout}s"
-        time.sleep(interval)
+        harness.sleep(interval)
 
 
 # ---------------------------------------------------------------------------
-# threads
+# tasks (threads or greenlets)
 
 
 class Task:
-    """A thread whose result or exception is handed to whoever joins it."""
+    """A task whose result or exception is handed to whoever joins it."""
+
+    worker: Worker
 
     def __init__(
         self, fn: Callable[..., Any], args: tuple[Any, ...], name: str, group: TaskGroup
     ) -> None:
         self._fn, self._args, self._group = fn, args, group
+        self.name = name
         self._value: Any = None
         self.error: BaseException | None = None
         self.done = False
-        self.thread = threading.Thread(target=self._run, name=name, daemon=True)
 
     def _run(self) -> None:
         try:
@@ -231,35 +237,34 @@ class Task:
                 self._group.cond.notify_all()
 
     def result(self, timeout: float) -> Any:
-        self.thread.join(timeout)
-        assert not self.thread.is_alive(), (
-            f"thread {self.thread.name} still running after {timeout}s"
-        )
+        self.worker.join(timeout)
+        assert not self.worker.is_alive(), f"task {self.name} still running after {timeout}s"
         if self.error is not None:
             raise self.error
         return self._value
 
 
 class TaskGroup:
-    """Threads that are all joined when the ``with`` block ends.
+    """Tasks (threads or greenlets) that are all joined when the ``with`` block ends.
 
-    Leaving the block joins every thread and raises the first error one of
-    them raised. If the block fails, a thread fails, or a thread outlives
+    Leaving the block joins every task and raises the first error one of
+    them raised. If the block fails, a task fails, or a task outlives
     ``join_timeout``, the ``on_error`` callables run first (closing sessions,
-    killing peers) so that threads blocked in I/O wake up and can be joined.
+    killing peers) so that tasks blocked in I/O wake up and can be joined.
     """
 
     def __init__(self, *on_error: Callable[[], object], join_timeout: float = 60.0) -> None:
+        self.harness = current()
         self.tasks: list[Task] = []
         self.on_error = list(on_error)
         self.join_timeout = join_timeout
-        self.cond = threading.Condition()
+        self.cond = self.harness.Condition()
 
     def spawn(self, fn: Callable[..., Any], *args: Any, name: str = "e2e-task") -> Task:
         task = Task(fn, args, name, self)
         with self.cond:
             self.tasks.append(task)
-        task.thread.start()
+        task.worker = self.harness.spawn(task._run, name=name)
         return task
 
     def results(self, timeout: float | None = None) -> list[Any]:
@@ -291,13 +296,13 @@ class TaskGroup:
             self._abort()
 
     def _abort(self) -> None:
-        if any(t.thread.is_alive() for t in self.tasks):
+        if any(t.worker.is_alive() for t in self.tasks):
             for fn in self.on_error:
                 with contextlib.suppress(Exception):
                     fn()
         deadline = time.monotonic() + 10
         for t in self.tasks:
-            t.thread.join(max(0.0, deadline - time.monotonic()))
+            t.worker.join(max(0.0, deadline - time.monotonic()))
 
 
 # ---------------------------------------------------------------------------
@@ -309,7 +314,12 @@ class PeerProcess:
 
     The child exits when its stdin reaches EOF, so ``stop()`` closes stdin
     first and kills only if that does not work. Every pipe is closed, every
-    reader thread joined and the child reaped in ``stop()``.
+    reader task joined and the child reaped in ``stop()``.
+
+    The pipes are read by tasks of the test's runtime, so on gevent waiting
+    for a peer's line lets the sessions run. The child's exit is awaited as
+    the end of its stdout first (cooperative), and only then reaped, so
+    ``Popen.wait`` never holds the gevent hub for long.
     """
 
     def __init__(self, argv: list[str], env: dict[str, str] | None = None) -> None:
@@ -321,40 +331,52 @@ class PeerProcess:
             stderr=subprocess.PIPE,
             env=env,
         )
-        self._cond = threading.Condition()
+        self._harness = harness = current()
+        self._cond = harness.Condition()
         self._events: list[dict[str, Any]] = []
         self._stderr: list[str] = []
         self._eof = False
         self._stopped = False
         self._readers = [
-            threading.Thread(target=self._read_stdout, name="peer-stdout", daemon=True),
-            threading.Thread(target=self._read_stderr, name="peer-stderr", daemon=True),
+            harness.spawn(self._read_stdout, name="peer-stdout"),
+            harness.spawn(self._read_stderr, name="peer-stderr"),
         ]
-        for t in self._readers:
-            t.start()
 
     @property
     def pid(self) -> int:
         return self.proc.pid
 
+    def _lines(self, pipe: Any) -> Iterator[bytes]:
+        fd = pipe.fileno()
+        buf = b""
+        while True:
+            chunk = self._harness.read_fd(fd, 65536)
+            if not chunk:
+                break
+            buf += chunk
+            *lines, buf = buf.split(b"\n")
+            yield from lines
+        if buf:
+            yield buf
+
     def _read_stdout(self) -> None:
-        assert self.proc.stdout is not None
-        for raw in self.proc.stdout:
-            line = raw.decode(errors="replace").strip()
-            try:
-                event = json.loads(line)
-            except ValueError:
-                event = {"event": "garbage", "line": line}
+        try:
+            for raw in self._lines(self.proc.stdout):
+                line = raw.decode(errors="replace").strip()
+                try:
+                    event = json.loads(line)
+                except ValueError:
+                    event = {"event": "garbage", "line": line}
+                with self._cond:
+                    self._events.append(event)
+                    self._cond.notify_all()
+        finally:
             with self._cond:
-                self._events.append(event)
+                self._eof = True
                 self._cond.notify_all()
-        with self._cond:
-            self._eof = True
-            self._cond.notify_all()
 
     def _read_stderr(self) -> None:
-        assert self.proc.stderr is not None
-        for raw in self.proc.stderr:
+        for raw in self._lines(self.proc.stderr):
             with self._cond:
                 self._stderr.append(raw.decode(errors="replace").rstrip())
 
@@ -391,14 +413,25 @@ class PeerProcess:
                     raise AssertionError(f"{why}: got {len(found)}\n{self.describe()}")
                 self._cond.wait(left)
 
+    def _reap(self, timeout: float) -> int | None:
+        """Wait (cooperatively) for the child's stdout to end, then reap it; None on timeout."""
+        with self._cond:
+            self._cond.wait_for(lambda: self._eof, timeout)
+        try:
+            return self.proc.wait(1 if self._eof else 0.01)
+        except subprocess.TimeoutExpired:
+            return None
+
+    def _join_readers(self) -> None:
+        for t in self._readers:
+            t.result(10)
+
     def wait(self, timeout: float = 20.0) -> int:
         """Wait for the child to exit by itself; return its exit status."""
-        try:
-            rc = self.proc.wait(timeout)
-        except subprocess.TimeoutExpired:
-            raise AssertionError(f"peer did not exit in {timeout}s\n{self.describe()}") from None
-        for t in self._readers:
-            t.join(10)
+        rc = self._reap(timeout)
+        if rc is None:
+            raise AssertionError(f"peer did not exit in {timeout}s\n{self.describe()}")
+        self._join_readers()
         return rc
 
     def command(self, line: str) -> None:
@@ -416,22 +449,19 @@ class PeerProcess:
         """SIGKILL and reap."""
         if self.proc.poll() is None:
             self.proc.kill()
-        self.proc.wait(10)
+        if self._reap(10) is None:
+            raise AssertionError(f"peer survived SIGKILL\n{self.describe()}")
 
     def stop(self) -> None:
-        """Make sure the child is gone, reaped, and every pipe and thread closed."""
+        """Make sure the child is gone, reaped, and every pipe and task closed."""
         if self._stopped:
             self.send_signal(signal.SIGCONT)
         assert self.proc.stdin is not None
         with contextlib.suppress(OSError):
             self.proc.stdin.close()
-        try:
-            self.proc.wait(5)
-        except subprocess.TimeoutExpired:
-            self.proc.kill()
-            self.proc.wait(10)
-        for t in self._readers:
-            t.join(10)
+        if self._reap(5) is None:
+            self.kill()
+        self._join_readers()
         for f in (self.proc.stdout, self.proc.stderr):
             if f is not None:
                 f.close()
@@ -459,8 +489,9 @@ def parse_addr(addr: str) -> tuple[str, int]:
 class EchoHandler:
     """Accepts every stream of a pysmux session and echoes it until EOF, then closes it.
 
-    One thread accepts, one thread per stream echoes. ``stop()`` closes the
-    session and joins them all; errors seen by the stream threads are in ``errors``.
+    One task accepts, one task per stream echoes (threads or greenlets). ``stop()``
+    closes the session and joins them all; errors seen by the stream tasks are in
+    ``errors``.
     """
 
     def __init__(self, sess: pysmux.Session) -> None:
@@ -468,10 +499,8 @@ class EchoHandler:
         self.tasks = TaskGroup()
         self.errors: list[BaseException] = []
         self.echoed: dict[int, int] = {}
-        self._lock = threading.Lock()
-        self._done = threading.Condition(self._lock)
-        self._acceptor = threading.Thread(target=self._accept_loop, name="echo-accept", daemon=True)
-        self._acceptor.start()
+        self._done = current().Condition()
+        self._acceptor = current().spawn(self._accept_loop, name="echo-accept")
 
     def _accept_loop(self) -> None:
         while True:
@@ -492,9 +521,9 @@ class EchoHandler:
                     st.sendall(data)
                     total += len(data)
         except OSError as exc:
-            with self._lock:
+            with self._done:
                 self.errors.append(exc)
-        with self._lock:
+        with self._done:
             self.echoed[st.id] = total
             self._done.notify_all()
 
@@ -507,6 +536,5 @@ class EchoHandler:
 
     def stop(self) -> None:
         self.sess.close()
-        self._acceptor.join(10)
-        assert not self._acceptor.is_alive(), "accept loop did not end after session.close()"
+        self._acceptor.result(10)  # fails if the accept loop did not end after session.close()
         self.tasks.results(timeout=10)

@@ -87,6 +87,10 @@ def test_concurrent_clients_each_with_own_session(net: Net, version: int) -> Non
             tasks.spawn(serve, name="serve")
             for i in range(nclients):
                 tasks.spawn(run_client, name=f"client-{i}")
+        # Each client closed its streams (FIN) after reading its echoes: let every
+        # FIN reach the server before its session is closed, or the echo is reset.
+        for h in handlers:
+            h.wait_finished(nstreams, timeout=30)
     finally:
         for h in handlers:
             h.stop()

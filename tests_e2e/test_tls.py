@@ -8,13 +8,15 @@ import shutil
 import socket
 import ssl
 import subprocess
-import threading
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 
 import pysmux
+from tests.runtimes import current
+from tests.util import recv_to_eof, spawn
 
 
 @pytest.fixture(scope="module")
@@ -44,68 +46,58 @@ def echo_stream(st: pysmux.Stream) -> None:
 
 
 @pytest.mark.parametrize("version", [1, 2])
-def test_streams_over_tls(certificate: tuple[Path, Path], version: int) -> None:
-    """A user who wraps the connection in TLS (ssl.SSLSocket, which has no sendmsg) gets
-    the same streams: 8 concurrent streams of 1 MiB each echo back intact, and closing
-    the sessions closes the TLS sockets."""
+def test_streams_over_tls(certificate: tuple[Path, Path], runtime: str, version: int) -> None:
+    """A user who wraps the connection in TLS (ssl.SSLSocket, which has no sendmsg; on
+    gevent, gevent.ssl.SSLSocket) gets the same streams: 8 concurrent streams of 1 MiB
+    each echo back intact, and closing the sessions closes the TLS sockets."""
+    harness = current()
     cert, key = certificate
-    server_ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    server_ctx = harness.SSLContext(ssl.PROTOCOL_TLS_SERVER)
     server_ctx.load_cert_chain(cert, key)
-    client_ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
+    client_ctx = harness.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
     client_ctx.load_verify_locations(cert)
     cfg = pysmux.Config(version=version)
-    listener = socket.create_server(("127.0.0.1", 0))
-    tls_server: list[ssl.SSLSocket] = []
-    errors: list[BaseException] = []
+    listener = harness.listen("127.0.0.1")
+    listener.settimeout(30)
+    tls_server: list[Any] = []
 
     def serve() -> None:
         conn, _ = listener.accept()
+        conn.settimeout(None)
         tls = server_ctx.wrap_socket(conn, server_side=True)
         tls_server.append(tls)
-        with pysmux.server(tls, config=cfg) as session:
+        with pysmux.server(tls, config=cfg, runtime=runtime) as session:
             echoers = []
             while True:
                 try:
                     st = session.accept_stream(timeout=30)
                 except pysmux.SessionClosedError:
                     break
-                echoer = threading.Thread(target=echo_stream, args=(st,))
-                echoer.start()
-                echoers.append(echoer)
+                echoers.append(spawn(echo_stream, st))
             for echoer in echoers:
-                echoer.join(30)
+                echoer.result(30)
 
     def one_stream(client: pysmux.Session, index: int) -> None:
-        try:
-            payload = hashlib.sha256(bytes([index])).digest() * (1 << 15)  # 1 MiB
-            with client.open_stream() as st:
-                st.settimeout(30)
-                received: list[bytes] = []
-                reader = threading.Thread(target=lambda: received.extend(iter(
-                    lambda: st.recv(65536), b"")))  # fmt: skip
-                reader.start()
-                st.sendall(payload)
-                st.shutdown(socket.SHUT_WR)  # the echo ends with our FIN
-                reader.join(30)
-                assert b"".join(received) == payload
-        except BaseException as exc:  # reported by the main thread
-            errors.append(exc)
+        payload = hashlib.sha256(bytes([index])).digest() * (1 << 15)  # 1 MiB
+        with client.open_stream() as st:
+            st.settimeout(30)
+            reader = spawn(recv_to_eof, st, 65536, len(payload))
+            st.sendall(payload)
+            st.shutdown(socket.SHUT_WR)  # the echo ends with our FIN
+            assert reader.result(30) == payload
 
-    server_thread = threading.Thread(target=serve)
-    server_thread.start()
+    server_task = spawn(serve)
     try:
-        raw = socket.create_connection(listener.getsockname(), timeout=10)
+        raw = harness.connect(listener.getsockname(), timeout=10)
         tls = client_ctx.wrap_socket(raw, server_hostname="localhost")
-        with pysmux.client(tls, config=cfg) as client:
-            workers = [threading.Thread(target=one_stream, args=(client, i)) for i in range(8)]
+        with pysmux.client(tls, config=cfg, runtime=runtime) as client:
+            workers = [spawn(one_stream, client, i) for i in range(8)]
             for worker in workers:
-                worker.start()
-            for worker in workers:
-                worker.join(60)
+                worker.result(60)
             assert client.error is None
         assert tls.fileno() == -1
     finally:
-        server_thread.join(30)
+        server_task.join(30)
         listener.close()
-    assert not errors, errors
+    server_task.result(0)
     assert tls_server and tls_server[0].fileno() == -1
