@@ -236,6 +236,10 @@ class ThreadHarness(Harness):
         return socket.socketpair()
 
     def read_fd(self, fd: int, size: int) -> bytes:
+        if gevent_patched():  # threads are greenlets, and gevent made the pipe non-blocking
+            import gevent.os
+
+            return bytes(gevent.os.nb_read(fd, size))
         return os.read(fd, size)
 
     def SSLContext(self, protocol: int) -> Any:
