@@ -1,0 +1,886 @@
+"""The tunnel end to end over real loopback TCP: ``pysmux.tunnel`` in-process (on both
+runtimes) and the ``pysmux`` command in child processes.
+
+Every TCP connection the tests make through a tunnel ends at a small TCP server
+of the test (``TcpTarget``, tasks of the test's runtime). Nothing sleeps to
+synchronise: tests wait for lines a child prints, tasks ending, or blocking
+calls returning, each with a deadline; ``wait_until`` polls only counters that
+offer no blocking wait.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import logging
+import os
+import random
+import re
+import signal
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+import pysmux
+from pysmux.tunnel import EchoServer, TunnelClient, TunnelServer, format_address, parse_address
+from tests.runtimes import Harness, Worker, current
+
+REPO = Path(__file__).resolve().parent.parent
+MiB = 1 << 20
+
+VERSIONS = pytest.mark.parametrize("version", [1, 2], ids=["v1", "v2"])
+CHILD = pytest.mark.runtime_independent(reason="the tunnel under test runs in child processes")
+
+Addr = tuple[str, int]
+
+
+# ---------------------------------------------------------------------------
+# helpers
+
+
+def wait_until(pred: Callable[[], bool], timeout: float, what: str) -> None:
+    """Poll a counter that has no blocking wait; AssertionError after ``timeout``."""
+    deadline = time.monotonic() + timeout
+    harness = current()
+    while not pred():
+        assert time.monotonic() < deadline, f"not within {timeout}s: {what}"
+        harness.sleep(0.01)
+
+
+def payload(n: int, seed: int) -> bytes:
+    return random.Random(seed).randbytes(n)
+
+
+def sha(data: bytes) -> str:
+    return hashlib.sha256(data).hexdigest()
+
+
+def recv_to_eof(sock: Any, limit: int = 64 * MiB) -> bytes:
+    """Read until a clean EOF; an error propagates."""
+    out = bytearray()
+    while True:
+        data = sock.recv(1 << 16)
+        if not data:
+            return bytes(out)
+        out += data
+        assert len(out) <= limit, "more data than sent"
+
+
+def recv_exactly(sock: Any, n: int) -> bytes:
+    out = bytearray()
+    while len(out) < n:
+        data = sock.recv(min(1 << 16, n - len(out)))
+        assert data, f"EOF after {len(out)} of {n} bytes"
+        out += data
+    return bytes(out)
+
+
+def recv_until_error(sock: Any, limit: int = 1 << 34) -> tuple[int, BaseException]:
+    """Read until recv raises; a clean EOF is a failure. Returns (bytes read, the error)."""
+    total = 0
+    while True:
+        try:
+            data = sock.recv(1 << 16)
+        except OSError as exc:
+            return total, exc
+        assert data, f"clean EOF after {total} bytes: a cut connection must show as a reset"
+        total += len(data)
+        assert total <= limit
+
+
+def connect(addr: Addr) -> Any:
+    return current().connect(addr, timeout=30)
+
+
+def echo_through(addr: Addr, data: bytes) -> bytes:
+    """One TCP connection: send ``data`` and half-close (from a helper task) while reading
+    everything back here until EOF."""
+    harness = current()
+    sock = connect(addr)
+    try:
+
+        def send() -> None:
+            sock.sendall(data)
+            sock.shutdown(socket.SHUT_WR)
+
+        writer = harness.spawn(send, name="tcp-send")
+        try:
+            got = recv_to_eof(sock)
+        finally:
+            writer.join(30)
+        writer.result(0)
+        return got
+    finally:
+        sock.close()
+
+
+def echo_many(addr: Addr, count: int, size: int) -> None:
+    """``count`` concurrent TCP connections each echo ``size`` checksummed bytes."""
+    harness = current()
+    datas = [payload(size, seed) for seed in range(count)]
+    workers = [harness.spawn(echo_through, addr, d, name=f"echo-{i}") for i, d in enumerate(datas)]
+    results = [w.result(60) for w in workers]
+    for i, (sent, got) in enumerate(zip(datas, results, strict=True)):
+        assert len(got) == len(sent), f"connection {i}: {len(got)} of {len(sent)} bytes"
+        assert sha(got) == sha(sent), f"connection {i}: corrupted echo"
+
+
+class TcpTarget:
+    """A plain TCP server of the test's runtime: one task per connection runs ``handler(conn)``.
+
+    ``close()`` stops accepting, wakes every handler, joins every task and closes
+    every socket. ``errors`` holds the OSErrors handlers raised.
+    """
+
+    def __init__(self, handler: Callable[[Any], None]) -> None:
+        self.harness: Harness = current()
+        self.listener = self.harness.listen("127.0.0.1")
+        host, port = self.listener.getsockname()[:2]
+        self.address: Addr = (host, port)
+        self.handler = handler
+        self.cond = self.harness.Condition()
+        self.conns: list[Any] = []
+        self.tasks: list[Worker] = []
+        self.errors: list[OSError] = []
+        self.finished = 0
+        self._closed = False
+        self._acceptor = self.harness.spawn(self._accept_loop, name="target-accept")
+
+    def _accept_loop(self) -> None:
+        while True:
+            try:
+                conn, _ = self.listener.accept()
+            except OSError:
+                return
+            conn.settimeout(30)
+            with self.cond:
+                if self._closed:
+                    conn.close()
+                    return
+                self.conns.append(conn)
+                self.tasks.append(self.harness.spawn(self._serve, conn, name="target-conn"))
+
+    def _serve(self, conn: Any) -> None:
+        try:
+            self.handler(conn)
+        except OSError as exc:
+            with self.cond:
+                self.errors.append(exc)
+        finally:
+            with self.cond:
+                self.finished += 1
+                self.cond.notify_all()
+
+    def wait_finished(self, count: int, timeout: float = 20) -> None:
+        with self.cond:
+            ok = self.cond.wait_for(lambda: self.finished >= count, timeout)
+        assert ok, f"{self.finished} of {count} target connections finished"
+
+    def close(self) -> None:
+        with self.cond:
+            self._closed = True
+        with contextlib.suppress(OSError):
+            self.listener.shutdown(socket.SHUT_RDWR)
+        self._acceptor.join(10)
+        assert not self._acceptor.is_alive(), "target accept loop did not end"
+        self.listener.close()
+        with self.cond:
+            conns, tasks = list(self.conns), list(self.tasks)
+        for conn in conns:
+            with contextlib.suppress(OSError):
+                conn.shutdown(socket.SHUT_RDWR)
+        for task in tasks:
+            task.join(10)
+            assert not task.is_alive(), "a target connection task did not end"
+        for conn in conns:
+            conn.close()
+
+
+def echo_handler(conn: Any) -> None:
+    """Echo until EOF, then half-close: EOF travels back only after all the data."""
+    while True:
+        data = conn.recv(1 << 16)
+        if not data:
+            break
+        conn.sendall(data)
+    conn.shutdown(socket.SHUT_WR)
+
+
+@pytest.fixture
+def target() -> Iterator[Callable[..., TcpTarget]]:
+    """Factory of TCP targets (default: echo); all closed at teardown."""
+    made: list[TcpTarget] = []
+
+    def make(handler: Callable[[Any], None] = echo_handler) -> TcpTarget:
+        t = TcpTarget(handler)
+        made.append(t)
+        return t
+
+    yield make
+    for t in made:
+        t.close()
+
+
+@pytest.fixture
+def tunnels() -> Iterator[list[Any]]:
+    """Tunnels a test starts; all closed at teardown (closing twice is harmless)."""
+    made: list[Any] = []
+    yield made
+    for t in reversed(made):
+        t.close()
+
+
+def unused_port() -> int:
+    """A loopback port nothing listens on (bound, then released)."""
+    sock = current().listen("127.0.0.1")
+    port: int = sock.getsockname()[1]
+    sock.close()
+    return port
+
+
+# ---------------------------------------------------------------------------
+# the library, in-process, on both runtimes
+
+
+def start_pair(
+    runtime: str,
+    tunnels: list[Any],
+    target: Addr,
+    version: int = 1,
+    conn: int = 2,
+    **client_kw: Any,
+) -> tuple[TunnelServer, TunnelClient]:
+    cfg = pysmux.Config(version=version)
+    srv = TunnelServer("127.0.0.1:0", target, config=cfg, runtime=runtime)
+    tunnels.append(srv)
+    srv.start()
+    cli = TunnelClient(
+        "127.0.0.1:0", srv.address, conn=conn, config=cfg, runtime=runtime, **client_kw
+    )
+    tunnels.append(cli)
+    cli.start()
+    assert cli.wait_connected(timeout=10), "mux connections did not come up"
+    return srv, cli
+
+
+@VERSIONS
+def test_tunnel_carries_many_connections_round_robin(
+    runtime: str,
+    version: int,
+    target: Callable[..., TcpTarget],
+    tunnels: list[Any],
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """A user runs a TunnelClient with two mux connections to a TunnelServer and sends 8 TCP
+    connections x 1 MiB through it at once: every byte comes back intact, each connection
+    ends with a clean EOF after its half-close, and the connections were spread evenly over
+    both mux connections."""
+    caplog.set_level(logging.DEBUG, logger="pysmux.tunnel")
+    echo = target()
+    srv, cli = start_pair(runtime, tunnels, echo.address, version=version, conn=2)
+    echo_many(cli.address, count=8, size=MiB)
+    echo.wait_finished(8)
+    assert not echo.errors
+    assert srv.sessions == 2 and cli.connected == 2 and cli.dials == 2
+    per_session: dict[str, int] = {}
+    for rec in caplog.records:
+        if rec.name == "pysmux.tunnel" and rec.msg == "stream %s: connected to %s":
+            session = str(rec.args[0]).rsplit("/", 1)[0]  # type: ignore[index]
+            per_session[session] = per_session.get(session, 0) + 1
+    assert sorted(per_session.values()) == [4, 4], per_session
+    wait_until(lambda: srv.connections == 0 and cli.connections == 0, 10, "connections ended")
+    assert not [r for r in caplog.records if r.levelno >= logging.WARNING]
+
+
+@VERSIONS
+def test_half_close_travels_both_ways(
+    runtime: str, version: int, target: Callable[..., TcpTarget], tunnels: list[Any]
+) -> None:
+    """Half-close works through the tunnel in both directions: a client that sends its
+    request and shuts down writing still reads the whole answer and then EOF; and a server
+    that sends a greeting and shuts down writing is read to EOF by the client, which can
+    still send to it afterwards."""
+    received: dict[str, str] = {}
+
+    def greet_then_listen(conn: Any) -> None:
+        conn.sendall(b"hello, I will not talk any more")
+        conn.shutdown(socket.SHUT_WR)
+        received["sha"] = sha(recv_to_eof(conn))
+
+    echo = target()
+    greeter = target(greet_then_listen)
+    _, cli_echo = start_pair(runtime, tunnels, echo.address, version=version, conn=1)
+    _, cli_greet = start_pair(runtime, tunnels, greeter.address, version=version, conn=1)
+
+    # Client-side half-close, reading only after the whole request is sent.
+    request = payload(256 * 1024, 7)
+    sock = connect(cli_echo.address)
+    try:
+        sock.sendall(request)
+        sock.shutdown(socket.SHUT_WR)
+        assert sha(recv_to_eof(sock)) == sha(request)
+        assert sock.recv(1) == b""
+    finally:
+        sock.close()
+
+    # Server-side half-close: the greeting, EOF, then the client still talks.
+    upload = payload(MiB, 8)
+    sock = connect(cli_greet.address)
+    try:
+        assert recv_to_eof(sock) == b"hello, I will not talk any more"
+        sock.sendall(upload)
+        sock.shutdown(socket.SHUT_WR)
+        greeter.wait_finished(1)
+        assert sock.recv(1) == b""
+    finally:
+        sock.close()
+    assert received["sha"] == sha(upload)
+    assert not echo.errors and not greeter.errors
+
+
+def test_unreachable_target_closes_only_that_connection(
+    runtime: str,
+    target: Callable[..., TcpTarget],
+    tunnels: list[Any],
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """When the server cannot reach its target, the TCP client's connection is closed at
+    once (no hang), the failure is logged, and the mux connection stays up for the next
+    connections."""
+    srv, cli = start_pair(runtime, tunnels, ("127.0.0.1", unused_port()), conn=1)
+    for _ in range(3):
+        sock = connect(cli.address)
+        try:
+            sock.sendall(b"anyone there?")
+            with contextlib.suppress(ConnectionResetError):
+                assert recv_to_eof(sock) == b""
+        finally:
+            sock.close()
+    assert cli.connected == 1 and cli.dials == 1 and srv.sessions == 1
+    failures = [r for r in caplog.records if "cannot connect to target" in r.getMessage()]
+    assert len(failures) == 3, [r.getMessage() for r in caplog.records]
+
+
+def test_client_redials_after_server_restart(
+    runtime: str, target: Callable[..., TcpTarget], tunnels: list[Any]
+) -> None:
+    """The tunnel server goes away and comes back on the same port: the client notices,
+    re-dials with backoff, and serves new connections again, including one that arrived
+    while no mux connection was up (it waits for one instead of failing)."""
+    echo = target()
+    srv, cli = start_pair(runtime, tunnels, echo.address, conn=2, backoff_max=0.5)
+    echo_many(cli.address, count=2, size=64 * 1024)
+    port = srv.address[1]
+    srv.close()
+    wait_until(lambda: cli.connected == 0, 10, "the client noticed the server is gone")
+
+    harness = current()
+    data = payload(256 * 1024, 3)
+    early = harness.spawn(echo_through, cli.address, data, name="early-conn")
+    srv2 = TunnelServer(("127.0.0.1", port), echo.address, runtime=runtime)
+    tunnels.append(srv2)
+    srv2.start()
+    assert cli.wait_connected(timeout=15), "the client did not re-dial"
+    assert sha(early.result(30)) == sha(data)
+    echo_many(cli.address, count=4, size=256 * 1024)
+    assert cli.dials == 4 and srv2.sessions == 2
+
+
+def test_connection_without_any_server_is_reset_after_connect_timeout(
+    runtime: str, tunnels: list[Any], caplog: pytest.LogCaptureFixture
+) -> None:
+    """With the tunnel server down, the client keeps re-dialling (and says so in its log);
+    a TCP connection that arrives meanwhile waits ``connect_timeout`` for a mux connection
+    and is then reset, rather than hanging or looking like an empty answer."""
+    cli = TunnelClient(
+        "127.0.0.1:0",
+        ("127.0.0.1", unused_port()),
+        runtime=runtime,
+        connect_timeout=0.3,
+        backoff_max=0.1,
+    )
+    tunnels.append(cli)
+    cli.start()
+    sock = connect(cli.address)
+    try:
+        began = time.monotonic()
+        with pytest.raises(ConnectionResetError):
+            sock.recv(1)
+        assert 0.2 < time.monotonic() - began < 10
+    finally:
+        sock.close()
+    assert cli.connected == 0 and cli.dials == 0
+    messages = [r.getMessage() for r in caplog.records]
+    assert any("cannot connect to 127.0.0.1" in m for m in messages), messages
+    assert any("no mux connection" in m for m in messages), messages
+
+
+def test_mux_death_resets_carried_connections(
+    runtime: str, target: Callable[..., TcpTarget], tunnels: list[Any]
+) -> None:
+    """A download cut short because the tunnel server went away is seen by the TCP client as
+    a connection reset, never as a clean end of file; likewise the target sees a reset when
+    the client side of the tunnel goes away."""
+    written: dict[str, OSError] = {}
+
+    def stream_forever(conn: Any) -> None:
+        block = payload(64 * 1024, 1)
+        try:
+            while True:
+                conn.sendall(block)
+        except OSError as exc:
+            written["error"] = exc
+
+    source = target(stream_forever)
+    srv, cli = start_pair(runtime, tunnels, source.address, conn=1)
+    sock = connect(cli.address)
+    try:
+        recv_exactly(sock, 512 * 1024)  # the download is under way
+        srv.close()
+        _, exc = recv_until_error(sock)
+        assert isinstance(exc, ConnectionResetError), repr(exc)
+    finally:
+        sock.close()
+    source.wait_finished(1)
+    assert isinstance(written["error"], (ConnectionResetError, BrokenPipeError))
+
+    # The other way round: the client side of the tunnel goes away.
+    _, cli2 = start_pair(runtime, tunnels, source.address, conn=1)
+    sock = connect(cli2.address)
+    try:
+        recv_exactly(sock, 512 * 1024)
+        cli2.close()
+        source.wait_finished(2)
+        _, exc = recv_until_error(sock)
+        assert isinstance(exc, ConnectionResetError), repr(exc)
+    finally:
+        sock.close()
+
+
+def test_one_failing_connection_leaves_the_others_alone(
+    runtime: str, target: Callable[..., TcpTarget], tunnels: list[Any]
+) -> None:
+    """One TCP client aborts (sends a reset) in the middle of its transfer; the transfers
+    of the others on the same mux connection complete, and the tunnel keeps working."""
+    echo = target()
+    srv, cli = start_pair(runtime, tunnels, echo.address, conn=1)
+    harness = current()
+    good = [harness.spawn(echo_through, cli.address, payload(MiB, i)) for i in range(3)]
+    bad = connect(cli.address)
+    try:
+        bad.sendall(payload(128 * 1024, 99))
+        recv_exactly(bad, 64 * 1024)
+        bad.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, b"\x01\x00\x00\x00\x00\x00\x00\x00")
+    finally:
+        bad.close()  # with linger 0: a reset
+    for i, w in enumerate(good):
+        assert sha(w.result(60)) == sha(payload(MiB, i))
+    echo_many(cli.address, count=2, size=64 * 1024)
+    assert cli.connected == 1 and cli.dials == 1 and srv.sessions == 1
+
+
+def test_close_is_prompt_with_idle_connections(
+    runtime: str, target: Callable[..., TcpTarget], tunnels: list[Any]
+) -> None:
+    """Closing a tunnel that carries idle connections returns promptly, resets those
+    connections, and leaves no task behind (the leak check of conftest.py)."""
+    echo = target()
+    srv, cli = start_pair(runtime, tunnels, echo.address, conn=2)
+    socks = [connect(cli.address) for _ in range(4)]
+    try:
+        for i, s in enumerate(socks):  # each one is carried end to end
+            s.sendall(b"ping %d" % i)
+            assert recv_exactly(s, 6) == b"ping %d" % i
+        began = time.monotonic()
+        cli.close()
+        srv.close()
+        assert time.monotonic() - began < 3.0
+        assert cli.connections == 0 and srv.connections == 0
+        for s in socks:
+            _, exc = recv_until_error(s)
+            assert isinstance(exc, ConnectionResetError)
+    finally:
+        for s in socks:
+            s.close()
+
+
+def test_close_is_prompt_without_linux_disconnect(
+    runtime: str,
+    target: Callable[..., TcpTarget],
+    tunnels: list[Any],
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Where connect(AF_UNSPEC) cannot abort a TCP connection (not Linux), closing the tunnel
+    still wakes connections blocked in either direction, including one whose TCP client
+    stopped reading, and returns promptly."""
+    import pysmux.tunnel
+
+    monkeypatch.setattr(pysmux.tunnel, "_disconnect", None)
+
+    def flood(conn: Any) -> None:
+        block = payload(64 * 1024, 5)
+        with contextlib.suppress(OSError):
+            while True:
+                conn.sendall(block)
+
+    source = target(flood)
+    srv, cli = start_pair(runtime, tunnels, source.address, conn=1)
+    stalled = connect(cli.address)  # never read after the first bytes: sendall blocks
+    idle = connect(srv.address)  # a mux connection that never speaks
+    try:
+        recv_exactly(stalled, 1024)
+        wait_until(lambda: srv.connections == 1, 10, "the flood is carried")
+        began = time.monotonic()
+        cli.close()
+        srv.close()
+        assert time.monotonic() - began < 3.0
+        with contextlib.suppress(ConnectionResetError):
+            recv_to_eof(stalled)
+    finally:
+        stalled.close()
+        idle.close()
+    source.wait_finished(1)
+
+
+def test_echo_server_and_connection_limit(runtime: str, tunnels: list[Any]) -> None:
+    """EchoServer (what ``pysmux echo`` runs) echoes every stream a TunnelClient carries;
+    a client at its ``max_conns`` refuses (resets) more connections at once instead of
+    queueing them, and takes new ones again when one ends."""
+    echo = EchoServer("127.0.0.1:0", runtime=runtime)
+    tunnels.append(echo)
+    echo.start()
+    cli = TunnelClient("127.0.0.1:0", echo.address, runtime=runtime, max_conns=1)
+    tunnels.append(cli)
+    cli.start()
+    assert cli.wait_connected(timeout=10)
+    held = connect(cli.address)
+    try:
+        held.sendall(b"x")
+        assert recv_exactly(held, 1) == b"x"
+        try:  # the reset can come before connect() returns
+            extra = connect(cli.address)
+        except ConnectionResetError:
+            pass
+        else:
+            try:
+                with contextlib.suppress(ConnectionResetError):
+                    assert extra.recv(1) == b""
+            finally:
+                extra.close()
+    finally:
+        held.close()
+    wait_until(lambda: cli.connections == 0, 10, "the held connection ended")
+    echo_many(cli.address, count=1, size=MiB)
+
+
+@pytest.mark.runtime_independent(reason="pure functions")
+def test_parse_and_format_addresses(runtime: str) -> None:
+    """Addresses are written as kcptun users write them: HOST:PORT, :PORT, [IPV6]:PORT;
+    mistakes are reported clearly."""
+    assert parse_address("127.0.0.1:4000") == ("127.0.0.1", 4000)
+    assert parse_address(":4000", "0.0.0.0") == ("0.0.0.0", 4000)
+    assert parse_address("[::1]:0") == ("::1", 0)
+    assert parse_address("example.com:80") == ("example.com", 80)
+    for bad, why in [("4000", "HOST:PORT"), ("::1:80", "brackets"), ("h:x", "not a number"),
+                     ("h:70000", "0..65535")]:  # fmt: skip
+        with pytest.raises(ValueError, match=re.escape(why)):
+            parse_address(bad)
+    assert format_address(("::1", 80)) == "[::1]:80"
+    assert format_address(("127.0.0.1", 80, "ignored")) == "127.0.0.1:80"
+    with pytest.raises(ValueError, match="conn"):
+        TunnelClient("127.0.0.1:0", "127.0.0.1:1", conn=0)
+    with pytest.raises(ValueError, match="target"):
+        TunnelServer("127.0.0.1:0", ":80")
+
+
+# ---------------------------------------------------------------------------
+# the command, in child processes
+
+
+class Cli:
+    """``python -m pysmux ARGS`` in a child process, read line by line.
+
+    stdout and stderr are read by tasks of the test's runtime. ``stop()`` makes
+    sure the child is gone and reaped and every pipe and reader task closed.
+    """
+
+    def __init__(self, *args: str) -> None:
+        env = dict(os.environ)
+        env["PYTHONPATH"] = os.pathsep.join(p for p in (str(REPO), env.get("PYTHONPATH")) if p)
+        self.argv = [sys.executable, "-W", "error::ResourceWarning", "-m", "pysmux", *args]
+        self.proc = subprocess.Popen(
+            self.argv,
+            stdin=subprocess.DEVNULL,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            env=env,
+        )
+        self.harness = current()
+        self.cond = self.harness.Condition()
+        self.out: list[str] = []
+        self.err: list[str] = []
+        self._open = 2
+        self._readers = [
+            self.harness.spawn(self._read, self.proc.stdout, self.out, name="cli-stdout"),
+            self.harness.spawn(self._read, self.proc.stderr, self.err, name="cli-stderr"),
+        ]
+
+    def _read(self, pipe: Any, lines: list[str]) -> None:
+        fd = pipe.fileno()
+        buf = b""
+        try:
+            while True:
+                chunk = self.harness.read_fd(fd, 65536)
+                if not chunk:
+                    break
+                buf += chunk
+                *done, buf = buf.split(b"\n")
+                with self.cond:
+                    lines.extend(d.decode(errors="replace") for d in done)
+                    self.cond.notify_all()
+        finally:
+            with self.cond:
+                if buf:
+                    lines.append(buf.decode(errors="replace"))
+                self._open -= 1
+                self.cond.notify_all()
+
+    def describe(self) -> str:
+        with self.cond:
+            out = "\n  ".join(self.out[-20:])
+            err = "\n  ".join(self.err[-30:])
+        cmd = " ".join(self.argv[3:])
+        return f"{cmd} (rc={self.proc.poll()})\n stdout:\n  {out}\n stderr:\n  {err}"
+
+    def wait_lines(
+        self, pattern: str, count: int = 1, timeout: float = 20, stderr: bool = False
+    ) -> list[re.Match[str]]:
+        """Block until ``count`` lines match ``pattern`` (on stdout, or stderr)."""
+        regex = re.compile(pattern)
+        lines = self.err if stderr else self.out
+        deadline = time.monotonic() + timeout
+        with self.cond:
+            while True:
+                found = [m for m in map(regex.search, lines) if m]
+                if len(found) >= count:
+                    return found
+                left = deadline - time.monotonic()
+                if left <= 0 or self._open == 0:
+                    raise AssertionError(
+                        f"{len(found)} of {count} lines matching {pattern!r}\n{self.describe()}"
+                    )
+                self.cond.wait(left)
+
+    def address(self) -> Addr:
+        """The address of its ``listening on HOST:PORT`` line."""
+        return parse_address(self.wait_lines(r"^listening on (\S+)$")[0].group(1))
+
+    def send_signal(self, sig: int) -> None:
+        if self.proc.poll() is None:
+            self.proc.send_signal(sig)
+
+    def wait(self, timeout: float = 10) -> int:
+        """Wait for the child to exit (its pipes closing first: cooperative); its status."""
+        with self.cond:
+            self.cond.wait_for(lambda: self._open == 0, timeout)
+            closed = self._open == 0
+        try:
+            return self.proc.wait(2 if closed else 0.01)
+        except subprocess.TimeoutExpired:
+            raise AssertionError(f"did not exit within {timeout}s\n{self.describe()}") from None
+
+    def assert_clean_exit(self, sig: int = signal.SIGTERM, within: float = 5.0) -> None:
+        """``sig`` makes it exit with status 0 within ``within`` seconds, without a warning
+        or traceback on stderr."""
+        began = time.monotonic()
+        self.send_signal(sig)
+        rc = self.wait(within + 5)
+        took = time.monotonic() - began
+        assert rc == 0, self.describe()
+        assert took < within, f"exit took {took:.1f}s\n{self.describe()}"
+        text = "\n".join(self.err)
+        for bad in ("Traceback", "Warning", "ERROR", "Exception"):
+            assert bad not in text, self.describe()
+
+    def stop(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.kill()
+        with self.cond:
+            self.cond.wait_for(lambda: self._open == 0, 10)
+        self.proc.wait(10)
+        for r in self._readers:
+            r.result(10)
+        for f in (self.proc.stdout, self.proc.stderr):
+            if f is not None:
+                f.close()
+
+
+@pytest.fixture
+def cli() -> Iterator[Callable[..., Cli]]:
+    """Start ``python -m pysmux`` children; all killed (if need be) and reaped after."""
+    procs: list[Cli] = []
+
+    def start(*args: str) -> Cli:
+        p = Cli(*args)
+        procs.append(p)
+        return p
+
+    yield start
+    for p in procs:
+        p.stop()
+
+
+def addr_arg(addr: Addr) -> str:
+    return format_address(addr)
+
+
+@CHILD
+@VERSIONS
+def test_cli_tunnel_echo(
+    runtime: str, version: int, cli: Callable[..., Cli], target: Callable[..., TcpTarget]
+) -> None:
+    """The kcptun-style command line: ``pysmux server -l ... -t TARGET`` and ``pysmux client
+    -l ... -r SERVER --conn 2`` carry 8 TCP connections x 1 MiB to an echo service and back
+    intact (each client half-closes and reads the full echo, then EOF), over two mux
+    connections; SIGTERM then stops both with status 0."""
+    echo = target()
+    ver = f"--smuxver={version}"
+    server = cli("server", "-l", "127.0.0.1:0", "-t", addr_arg(echo.address), ver)
+    client = cli(
+        "client", "-l", "127.0.0.1:0", "-r", addr_arg(server.address()), "--conn", "2", ver
+    )
+    caddr = client.address()
+    client.wait_lines(r"mux connection \d to .* established", count=2, stderr=True)
+    echo_many(caddr, count=8, size=MiB)
+    echo.wait_finished(8)
+    assert not echo.errors
+    assert len(server.wait_lines(r"mux connection from", count=2, stderr=True)) == 2
+    client.assert_clean_exit(signal.SIGTERM)
+    server.assert_clean_exit(signal.SIGTERM)
+
+
+@CHILD
+def test_cli_client_reconnects_after_server_killed(
+    runtime: str, cli: Callable[..., Cli], target: Callable[..., TcpTarget]
+) -> None:
+    """The tunnel server process is killed (SIGKILL) and started again on the same port: the
+    client process keeps running, logs the loss, re-dials both mux connections, and new
+    connections through it work again."""
+    echo = target()
+    server = cli("server", "-l", "127.0.0.1:0", "-t", addr_arg(echo.address))
+    saddr = server.address()
+    client = cli("client", "-l", "127.0.0.1:0", "-r", addr_arg(saddr), "--conn", "2")
+    caddr = client.address()
+    client.wait_lines(r"mux connection \d to .* established", count=2, stderr=True)
+    echo_many(caddr, count=2, size=256 * 1024)
+
+    server.send_signal(signal.SIGKILL)
+    assert server.wait() == -signal.SIGKILL
+    client.wait_lines(r"mux connection \d to .* lost", count=2, stderr=True)
+    server2 = cli("server", "-l", addr_arg(saddr), "-t", addr_arg(echo.address))
+    assert server2.address() == saddr
+    client.wait_lines(r"mux connection \d to .* established", count=4, stderr=True)
+    echo_many(caddr, count=4, size=256 * 1024)
+    assert client.proc.poll() is None
+    client.assert_clean_exit(signal.SIGTERM)
+    server2.assert_clean_exit(signal.SIGTERM)
+
+
+@CHILD
+def test_cli_signals_stop_promptly_with_live_connections(
+    runtime: str, cli: Callable[..., Cli], target: Callable[..., TcpTarget]
+) -> None:
+    """SIGINT (Ctrl-C) and SIGTERM stop the client and the server promptly with status 0
+    even while connections are being carried; those connections are reset, not left
+    hanging or ended as if complete."""
+    echo = target()
+    server = cli("server", "-l", "127.0.0.1:0", "-t", addr_arg(echo.address), "--smuxver", "2")
+    client = cli(
+        "client", "-l", "127.0.0.1:0", "-r", addr_arg(server.address()), "--smuxver=2", "-v"
+    )
+    caddr = client.address()
+    socks = [connect(caddr) for _ in range(3)]
+    try:
+        for s in socks:
+            s.sendall(b"are you there")
+            assert recv_exactly(s, 13) == b"are you there"
+        client.assert_clean_exit(signal.SIGINT)
+        for s in socks:
+            try:
+                _, exc = recv_until_error(s)
+            except AssertionError as err:
+                raise AssertionError(f"{err}\n{client.describe()}") from None
+            assert isinstance(exc, ConnectionResetError), repr(exc)
+        server.assert_clean_exit(signal.SIGTERM)
+    finally:
+        for s in socks:
+            s.close()
+    echo.wait_finished(3)
+
+
+@CHILD
+def test_cli_gevent_runtime(
+    runtime: str, cli: Callable[..., Cli], target: Callable[..., TcpTarget]
+) -> None:
+    """``--runtime gevent`` runs the same tunnel on greenlets: 4 connections x 1 MiB come
+    back intact over smux v2, and SIGTERM stops both ends with status 0."""
+    pytest.importorskip("gevent")
+    echo = target()
+    common = ("--runtime", "gevent", "--smuxver", "2")
+    server = cli("server", "-l", "127.0.0.1:0", "-t", addr_arg(echo.address), *common)
+    client = cli("client", "-l", "127.0.0.1:0", "-r", addr_arg(server.address()), *common)
+    caddr = client.address()
+    echo_many(caddr, count=4, size=MiB)
+    client.assert_clean_exit(signal.SIGTERM)
+    server.assert_clean_exit(signal.SIGTERM)
+
+
+@CHILD
+def test_cli_echo_command_and_quiet(runtime: str, cli: Callable[..., Cli]) -> None:
+    """``pysmux echo`` is a ready-made smux echo service for trying a client out; with ``-q``
+    it logs nothing while all is well."""
+    server = cli("echo", "-l", "127.0.0.1:0", "-q")
+    client = cli("client", "-l", "127.0.0.1:0", "-r", addr_arg(server.address()), "-q")
+    echo_many(client.address(), count=2, size=MiB)
+    client.assert_clean_exit(signal.SIGTERM)
+    server.assert_clean_exit(signal.SIGINT)
+    assert client.err == [] and server.err == []
+
+
+@CHILD
+def test_cli_usage_errors(runtime: str, cli: Callable[..., Cli]) -> None:
+    """Mistakes on the command line are reported at once with status 2, an address that is
+    taken with status 1 and a message; ``--version`` and ``--help`` work."""
+    for args in [
+        ("client", "-l", "127.0.0.1:0"),  # no -r
+        ("server", "-t", "127.0.0.1:1", "--smuxver", "3"),
+        ("client", "-r", "nowhere", "-l", "127.0.0.1:0"),
+        ("server", "-t", "127.0.0.1:1", "--conn", "2"),  # a client flag
+        ("client", "-r", "127.0.0.1:1", "--conn", "0"),
+        ("client", "-r", "127.0.0.1:1", "--smuxbuf", "100", "--streambuf", "100", "--framesize",
+         "70000"),
+    ]:  # fmt: skip
+        p = cli(*args)
+        assert p.wait() == 2, p.describe()
+        assert any("error" in line for line in p.err), p.describe()
+
+    taken = current().listen("127.0.0.1")
+    try:
+        p = cli("server", "-l", addr_arg(taken.getsockname()), "-t", "127.0.0.1:1")
+        assert p.wait() == 1, p.describe()
+        assert any("cannot listen" in line for line in p.err), p.describe()
+    finally:
+        taken.close()
+
+    p = cli("--version")
+    assert p.wait() == 0
+    assert p.out == [f"pysmux {pysmux.__version__}"]
+    p = cli("client", "--help")
+    assert p.wait() == 0
+    assert any("--conn" in line for line in p.out)
