@@ -441,6 +441,9 @@ class Session:
                 frames.append(item)
         self._control.clear()
         self._control_taken = self._control_queued
+        if not frames:  # every item was a UPD nobody needs: nothing left to write
+            self._control_written = self._control_taken
+            self._notify_idle()
         self._nop_queued = False
         self._queued_data = 0
         if self._refusals_queued:

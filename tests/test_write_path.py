@@ -5,6 +5,7 @@ from __future__ import annotations
 import hashlib
 import random
 import socket
+import time
 from typing import Any
 
 import pytest
@@ -155,3 +156,17 @@ def test_recently_closed_ids_are_bounded(pair: Any, monkeypatch: pytest.MonkeyPa
         peer.close()
     assert len(client._recently_closed) == 8
     assert len(server._recently_closed) <= 8
+
+
+def test_close_does_not_wait_for_dropped_window_updates(pair: Any) -> None:
+    """A UPD queued for a stream that then stopped reading is skipped, and close()
+    returns at once instead of waiting out its flush bound for it."""
+    client, server = pair(version=2)
+    st = client.open_stream()
+    st.sendall(b"x" * 10)
+    peer = server.accept_stream(timeout=5)
+    assert peer.recv(10) == b"x" * 10  # the first read queues a UPD
+    peer.shutdown(socket.SHUT_RD)  # ...which is then not needed
+    started = time.monotonic()
+    server.close()
+    assert time.monotonic() - started < 0.25
