@@ -99,7 +99,15 @@ def runtime(request: pytest.FixtureRequest) -> Iterator[str]:
 
 
 def _leaked_threads(before: set[threading.Thread]) -> list[threading.Thread]:
-    return [t for t in threading.enumerate() if t not in before and t.is_alive()]
+    # Dummy threads are not threads anyone started: threading makes one for a thread
+    # (or, monkey-patched, a greenlet) it did not start, when that one logs, say.
+    # They cannot be joined; a greenlet behind one is checked as a greenlet.
+    dummy = threading._DummyThread  # type: ignore[attr-defined]
+    return [
+        t
+        for t in threading.enumerate()
+        if t not in before and t.is_alive() and not isinstance(t, dummy)
+    ]
 
 
 def _leaked_greenlets(before: set[int]) -> list[Any]:
