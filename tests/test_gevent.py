@@ -503,6 +503,52 @@ def test_gevent_timeout_while_waiting_leaves_the_session_usable(pair):
     assert client.error is None and not client.closed
 
 
+def test_gevent_timeout_while_queued_for_the_transport_passes_it_on(runtime):
+    """A greenlet interrupted while it waits its turn for the transport (another
+    stream's frame is being written) gives up its place: nothing of its data goes
+    out, the writer ahead finishes, and the session and that stream stay usable."""
+    import gevent
+
+    from pysmux.frame import CMD_PSH
+    from tests.rawpeer import RawPeer
+
+    mine, theirs = socketpair()
+    with mine, theirs:
+        session = pysmux.client(mine, config=pysmux.Config(keepalive=False), runtime=runtime)
+        try:
+            bulk, small = session.open_stream(), session.open_stream()
+            size = 4 << 20
+            writer = spawn(bulk.sendall, b"b" * size)  # the peer does not read yet
+
+            def queued_then_interrupted() -> str:
+                try:
+                    with gevent.Timeout(0.3):
+                        small.sendall(b"s" * 100)
+                except gevent.Timeout:
+                    return "interrupted"
+                return "sent"
+
+            assert writer.started_call.wait(5)  # it runs until the full transport blocks it
+            waiter = spawn(queued_then_interrupted)
+            wait_until(lambda: small in session._tx_waiters, 1, "queued for the transport")
+            assert waiter.result(5) == "interrupted"
+            assert small not in session._tx_waiters
+            assert not session.closed, session.error
+            peer = RawPeer(theirs)
+            got = {bulk.id: 0, small.id: 0}
+            while got[bulk.id] < size:
+                f = peer.read_frame(timeout=10)
+                if f.cmd == CMD_PSH:
+                    got[f.sid] += len(f.data)
+            writer.result(10)
+            assert got == {bulk.id: size, small.id: 0}
+            small.sendall(b"after")
+            assert peer.read_data(small.id, 5) == b"after"
+            assert session.error is None
+        finally:
+            session.close()
+
+
 # -- transports that would freeze the hub ----------------------------------------------
 
 
