@@ -7,13 +7,14 @@
   sockets (``tests.util.spawn``, ``socketpair``, ...). gevent runs unpatched in
   the default run. ``PYSMUX_TEST_RUNTIME=thread|gevent|thread,gevent`` picks
   the runtimes; in a monkey-patched process (``python -m gevent.monkey
-  --module pytest``) the default is gevent alone.
+  --module pytest -o timeout_method=signal``) the default is gevent alone, and
+  ``thread`` there means the thread runtime on patched (greenlet) threads.
   ``@pytest.mark.runtimes("gevent", reason=...)`` limits a test to the named
   runtimes; ``@pytest.mark.runtime_independent(reason=...)`` runs a test once,
   on the first runtime of the run (its subject is a child process).
 * ``_no_leaks`` (autouse): a test fails if it leaves behind a thread or a
   gevent greenlet that was not alive before it started (they get up to
-  ``THREAD_GRACE`` seconds to end), and ``gc.collect()`` runs at teardown so
+  ``THREAD_GRACE`` seconds, env ``PYSMUX_TEST_LEAK_GRACE``, to end), and ``gc.collect()`` runs at teardown so
   that an unclosed socket caught in a reference cycle emits its
   ``ResourceWarning`` while the test is still the current one.
   ``filterwarnings = error`` (setup.cfg) turns that warning, which surfaces
