@@ -523,13 +523,7 @@ class Session:
                 raise stream._send_error()
             if self._window(stream) > 0:
                 return
-            self._followers += 1
-            if self._bg_waiting:
-                self._reader_cond.notify_all()
-            try:
-                stream._wait(deadline)
-            finally:
-                self._followers -= 1
+            self._wait_for_reader(stream, deadline)  # a UPD
 
     def _acquire_transport(self, stream: Stream, deadline: float | None) -> None:
         """Own the transport, in arrival order behind other streams (lock held)."""
@@ -823,6 +817,10 @@ class Session:
         ):
             self._read_directly(stream, deadline)
             return
+        self._wait_for_reader(stream, deadline)
+
+    def _wait_for_reader(self, stream: Stream, deadline: float | None) -> None:
+        """Wait for frames that another task reads; it must read now (lock held)."""
         self._followers += 1
         if self._bg_waiting:
             self._reader_cond.notify_all()
