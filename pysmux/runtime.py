@@ -7,6 +7,7 @@ uses, so the rest of the library is the same code on both.
 from __future__ import annotations
 
 import contextlib
+import socket
 import sys
 import threading
 import time
@@ -79,6 +80,8 @@ class Runtime(Protocol):
 
     def direct_reads(self) -> bool: ...
 
+    def socket_module(self) -> Any: ...
+
 
 class ThreadRuntime:
     """Plain OS threads (the default)."""
@@ -106,6 +109,10 @@ class ThreadRuntime:
         costs tens of microseconds. Not in a monkey-patched process, where
         threads are greenlets and ``select.poll`` is gone."""
         return not gevent_patched()
+
+    def socket_module(self) -> Any:
+        """Where sockets that this runtime can wait on come from."""
+        return socket
 
     def check_transport(self, sock: object) -> None:
         """A gevent socket works on threads only when threads are greenlets (patched)."""
@@ -189,6 +196,7 @@ class GeventRuntime:
         self._gevent = gevent
         self._semaphore = gevent.lock.Semaphore
         self._bounded = gevent.lock.BoundedSemaphore
+        self._gsocket = gevent.socket
         self._socket_type = gevent.socket.socket
 
     def lock(self) -> Lock:
@@ -211,6 +219,10 @@ class GeventRuntime:
     def direct_reads(self) -> bool:
         """Greenlet switches are cheap: the reader greenlet reads everything."""
         return False
+
+    def socket_module(self) -> Any:
+        """Cooperative sockets: a plain one would block the hub."""
+        return self._gsocket
 
     def check_transport(self, sock: object) -> None:
         """A blocking OS socket would freeze every greenlet: refuse it."""

@@ -143,12 +143,7 @@ class _Net:
     """Sockets of the tunnel's runtime: the stdlib's, or gevent's for ``runtime="gevent"``."""
 
     def __init__(self, rt: Runtime) -> None:
-        module: Any = socket
-        if rt.name == "gevent":
-            import gevent.socket
-
-            module = gevent.socket
-        self._module = module
+        self._module = rt.socket_module()
 
     def socket(self, family: int) -> Any:
         return self._module.socket(family, socket.SOCK_STREAM)
