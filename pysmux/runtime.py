@@ -27,10 +27,8 @@ class Task(Protocol):
     def is_alive(self) -> bool: ...
 
 
-class Lock(Protocol):
-    def acquire(self, blocking: bool = ..., timeout: float = ...) -> bool: ...
-
-    def release(self) -> None: ...
+class _Held(Protocol):
+    """Usable in ``with``: held inside the block."""
 
     def __enter__(self) -> bool: ...
 
@@ -43,22 +41,18 @@ class Lock(Protocol):
     ) -> None: ...
 
 
-class Condition(Protocol):
+class Lock(_Held, Protocol):
+    def acquire(self, blocking: bool = ..., timeout: float = ...) -> bool: ...
+
+    def release(self) -> None: ...
+
+
+class Condition(_Held, Protocol):
     def wait(self, timeout: float | None = None) -> bool: ...
 
     def notify(self, n: int = 1) -> None: ...
 
     def notify_all(self) -> None: ...
-
-    def __enter__(self) -> bool: ...
-
-    def __exit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-        /,
-    ) -> None: ...
 
 
 class Runtime(Protocol):

@@ -113,17 +113,19 @@ def recv_to_eof(st: pysmux.Stream, limit: int = 1 << 31) -> tuple[int, str]:
         h.update(data)
 
 
-def recv_until_error(st: pysmux.Stream, limit: int = 1 << 31) -> tuple[int, BaseException]:
-    """Read until recv raises; a clean EOF (b"") is a test failure. Returns (bytes, error)."""
+def recv_until_error(conn: Any, limit: int = 1 << 34) -> tuple[int, BaseException]:
+    """Read a stream or socket until recv raises; a clean EOF (b"") is a test failure.
+    Returns (bytes read, the error)."""
+    what = f"stream {conn.id}" if isinstance(conn, pysmux.Stream) else "connection"
     total = 0
     while True:
         try:
-            data = st.recv(1 << 20)
+            data = conn.recv(1 << 20)
         except OSError as exc:
             return total, exc
-        assert data, f"stream {st.id}: clean EOF after {total} bytes, expected a reset"
+        assert data, f"{what}: clean EOF after {total} bytes, expected a reset"
         total += len(data)
-        assert total <= limit, f"stream {st.id}: more than {limit} bytes and no error"
+        assert total <= limit, f"{what}: more than {limit} bytes and no error"
 
 
 def echo_roundtrip(st: pysmux.Stream, seed: int, n: int, tasks: TaskGroup) -> str:

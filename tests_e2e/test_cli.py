@@ -30,6 +30,7 @@ import pytest
 import pysmux
 from pysmux.tunnel import EchoServer, TunnelClient, TunnelServer, format_address, parse_address
 from tests.runtimes import Harness, Worker, current
+from tests_e2e.peers import recv_until_error
 
 REPO = Path(__file__).resolve().parent.parent
 MiB = 1 << 20
@@ -79,19 +80,6 @@ def recv_exactly(sock: Any, n: int) -> bytes:
         assert data, f"EOF after {len(out)} of {n} bytes"
         out += data
     return bytes(out)
-
-
-def recv_until_error(sock: Any, limit: int = 1 << 34) -> tuple[int, BaseException]:
-    """Read until recv raises; a clean EOF is a failure. Returns (bytes read, the error)."""
-    total = 0
-    while True:
-        try:
-            data = sock.recv(1 << 16)
-        except OSError as exc:
-            return total, exc
-        assert data, f"clean EOF after {total} bytes: a cut connection must show as a reset"
-        total += len(data)
-        assert total <= limit
 
 
 def connect(addr: Addr) -> Any:
