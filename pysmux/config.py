@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import math
 from dataclasses import dataclass
 
 __all__ = ["Config"]
@@ -48,6 +49,11 @@ class Config:
                     f.name,
                     isinstance(value, (int, float)) and not isinstance(value, bool),
                     "must be a number of seconds",
+                )
+                check(
+                    f.name,
+                    math.isfinite(value),
+                    "must be a finite number of seconds (keepalive=False turns keepalive off)",
                 )
             else:
                 check(

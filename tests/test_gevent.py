@@ -456,35 +456,6 @@ def test_close_joins_the_session_greenlets(pair):
     assert not alive, f"still running after close(): {alive}"
 
 
-def test_gevent_timeout_inside_a_frame_write_ends_the_session_cleanly(runtime):
-    """A gevent.Timeout (or kill) that interrupts a frame half-written leaves the
-    framing unknown: the session ends, and the peer sees whole frames, then EOF."""
-    import gevent
-
-    from tests.rawpeer import RawPeer
-
-    mine, theirs = socketpair()
-    with mine, theirs:
-        session = pysmux.client(mine, config=pysmux.Config(keepalive=False), runtime=runtime)
-        try:
-            st = session.open_stream()
-            with pytest.raises(gevent.Timeout), gevent.Timeout(0.2):
-                st.sendall(b"y" * (8 << 20))  # nobody reads: blocks inside a frame write
-            wait_until(lambda: session.closed, 1, "session ends")
-            with pytest.raises(pysmux.StreamResetError):
-                st.send(b"z")
-            peer = RawPeer(theirs)
-            total = 0
-            with pytest.raises(EOFError):  # whole frames up to the cut, then nothing
-                for _ in range(10_000):
-                    f = peer.read_frame(timeout=5)
-                    assert f.sid in (0, st.id), f
-                    total += len(f.data)
-            assert 0 < total < 8 << 20
-        finally:
-            session.close()
-
-
 def test_gevent_timeout_while_waiting_leaves_the_session_usable(pair):
     """A gevent.Timeout that interrupts a wait (not a write) changes nothing else."""
     import gevent
