@@ -507,9 +507,9 @@ def test_close_is_prompt_without_linux_disconnect(
     """Where connect(AF_UNSPEC) cannot abort a TCP connection (not Linux), closing the tunnel
     still wakes connections blocked in either direction, including one whose TCP client
     stopped reading, and returns promptly."""
-    import pysmux.tunnel
+    import pysmux.tunnel.net
 
-    monkeypatch.setattr(pysmux.tunnel, "_disconnect", None)
+    monkeypatch.setattr(pysmux.tunnel.net, "_disconnect", None)
 
     def flood(conn: Any) -> None:
         block = payload(64 * 1024, 5)
