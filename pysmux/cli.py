@@ -30,6 +30,7 @@ from typing import Any, NamedTuple
 from . import __version__
 from .config import Config
 from .tunnel import EchoServer, TunnelClient, TunnelServer, format_address, parse_address
+from .tunnel.service import MAX_SECONDS
 
 __all__ = ["add_smux_options", "build_parser", "config_from_args", "main"]
 
@@ -61,8 +62,8 @@ def _seconds(text: str) -> float:
         value = float(text)
     except ValueError:
         raise argparse.ArgumentTypeError(f"{text!r} is not a number of seconds") from None
-    if not 0 <= value < float("inf"):
-        raise argparse.ArgumentTypeError(f"{text} must be >= 0")
+    if not 0 <= value <= MAX_SECONDS:
+        raise argparse.ArgumentTypeError(f"{text} must be >= 0 and at most {MAX_SECONDS:g}")
     return value
 
 

@@ -926,3 +926,22 @@ def test_smux_options_serve_any_subcommand(runtime: str) -> None:
     assert not off.keepalive
     with pytest.raises(ValueError, match=r"^--framesize 65536: "):
         config_from_args(parser.parse_args(["--framesize", "65536"]))
+
+
+@pytest.mark.runtime_independent(reason="checks arguments only; nothing starts")
+def test_waits_too_long_for_the_os_are_refused(runtime: str) -> None:
+    """A timeout or backoff too long for the OS's timers (past about 292 years a thread's
+    wait overflows, and the task waiting dies) is refused up front, by the library and by
+    the command's flags, instead of killing a task later."""
+    for kwargs in [{"connect_timeout": float("inf")}, {"connect_timeout": 1e10},
+                   {"backoff_max": 1e10}, {"connect_timeout": float("nan")}]:  # fmt: skip
+        with pytest.raises(ValueError, match=next(iter(kwargs))):
+            TunnelClient("127.0.0.1:0", "127.0.0.1:1", **kwargs)
+    with pytest.raises(ValueError, match="connect_timeout"):
+        TunnelServer("127.0.0.1:0", "127.0.0.1:1", connect_timeout=1e7)
+    parser = argparse.ArgumentParser(prog="pysmux other", allow_abbrev=False, exit_on_error=False)
+    add_smux_options(parser)
+    for flag in ("--keepalive", "--keepalive-timeout"):
+        with pytest.raises(argparse.ArgumentError, match="at most"):
+            parser.parse_args([flag, "1e10"])
+    assert config_from_args(parser.parse_args(["--keepalive", "1e6"])).keepalive_timeout == 3e6

@@ -42,7 +42,7 @@ connection, ``max_sessions`` mux connections on a server. ``close()`` closes
 the listener, then every mux session (so the peer sees its streams reset, not
 end), then aborts every connection, and joins every task it started.
 
-Version 1 caveat (see "Flow control" in ``docs/design.md``): one session-wide
+Version 1 caveat (``docs/design.md`` 7.1): one session-wide
 receive budget. A TCP peer that stops reading stops its stream being read, and
 once the budget is full every stream of that mux connection waits.
 ``Config(version=2)`` (on both ends) gives each stream its own window.

@@ -75,13 +75,13 @@ class TunnelClient(Service):
             raise ValueError(f"remote={remote!r}: needs a host and a port")
         if not (isinstance(conn, int) and conn > 0):
             raise ValueError(f"conn={conn!r}: must be an int > 0")
+        self._backoff_max = check_seconds("backoff_max", backoff_max)
         if not 0 < backoff_initial <= backoff_max:
             raise ValueError(
                 f"backoff_initial={backoff_initial!r}, backoff_max={backoff_max!r}: "
                 "need 0 < backoff_initial <= backoff_max"
             )
         self._backoff_initial = float(backoff_initial)
-        self._backoff_max = float(backoff_max)
         self._links = [Link(i + 1) for i in range(conn)]
         self._next_link = 0
         self._dials = 0

@@ -35,7 +35,7 @@ from .net import (
 )
 from .pipe import Pipe
 
-__all__ = ["Service", "check_seconds"]
+__all__ = ["MAX_SECONDS", "Service", "check_seconds"]
 
 log = logging.getLogger("pysmux.tunnel")
 
@@ -48,10 +48,15 @@ _S = TypeVar("_S", bound="Service")
 _T = TypeVar("_T")
 
 
+#: The longest wait a tunnel takes (11.6 days): OS timeouts overflow not far above
+#: (``threading.TIMEOUT_MAX``), and a task whose wait overflows would die.
+MAX_SECONDS = 1e6
+
+
 def check_seconds(name: str, value: float) -> float:
-    """``value`` as a float if it is > 0, else ``ValueError`` naming ``name``."""
-    if not value > 0:
-        raise ValueError(f"{name}={value!r}: must be > 0")
+    """``value`` as a float if in (0, ``MAX_SECONDS``]; else ``ValueError`` naming ``name``."""
+    if not 0 < value <= MAX_SECONDS:
+        raise ValueError(f"{name}={value!r}: must be > 0 and at most {MAX_SECONDS:g} seconds")
     return float(value)
 
 
