@@ -1,4 +1,4 @@
-"""What only the gevent runtime has to prove (notes/gevent.md): many greenlets on one
+"""What only the gevent runtime has to prove (docs/design.md 13): many greenlets on one
 session, a hub that is never blocked, fair sharing between greenlets, prompt wake-ups,
 clean shutdown of the session's greenlets, refusing sockets that would freeze the hub,
 and choosing the runtime by patch state.
@@ -53,7 +53,7 @@ class HubWatch:
     """Two independent witnesses that the hub keeps running.
 
     * a ticker greenlet that sleeps ``tick`` seconds in a loop and records how
-      late it wakes (the robust check, notes/gevent.md 2.6);
+      late it wakes (the robust check, docs/design.md 13);
     * gevent's own monitor thread (a native thread) that reports an
       ``EventLoopBlocked`` event when no greenlet switch happened for
       ``gevent.config.max_blocking_time`` (0.1 s). It is made here rather than
