@@ -202,7 +202,7 @@ class _GreenletTask:
 
 
 class _GeventCondition:
-    """A condition variable for gevent, which ships none (notes/gevent.md 5.2).
+    """A condition variable for gevent, which ships none (docs/design.md section 13).
 
     The stdlib one would block the hub when gevent is not monkey-patched.
     """

@@ -288,7 +288,7 @@ class Session:
             self._next_id += 2
             stream = Stream(self, stream_id)
             # Registered before the SYN is queued: a reply right after the peer's
-            # accept finds the stream (Go loses it, DESIGN.md 5.1).
+            # accept finds the stream (Go loses it: docs/design.md section 9.1).
             self._streams[stream_id] = stream
             self._queue_control(encode_header(self._version, CMD_SYN, 0, stream_id))
             return stream
@@ -1007,7 +1007,7 @@ class Session:
         """The accept queue is full: wait for room, then refuse (lock held).
 
         A burst of SYNs larger than the backlog is common (Go clients open many
-        streams at once) and a refused Go stream can hang (DESIGN.md 5.1), so
+        streams at once) and a refused Go stream can hang (docs/design.md 9.1), so
         the reader first gives the application time to accept.
         """
         rt = self._runtime
