@@ -59,6 +59,7 @@ from .frame import (
 )
 from .runtime import Runtime, bounded_wait, check_timeout, get_runtime
 from .stream import (
+    INITIAL_PEER_WINDOW,
     RECV_EOF,
     RECV_OPEN,
     RECV_RESET,
@@ -190,6 +191,12 @@ class Session:
         self._dropped_frames = 0
         self._recently_closed: dict[int, None] = {}  # insertion-ordered set
         self._refused_streams = 0
+        # Version 2: local writers waiting for a window update.
+        self._window_waiters = 0
+        # Version 2: the most a peer that honours the windows can make one
+        # stream hold unread: Go assumes 256 KiB before our first UPD, then
+        # the window we advertise.
+        self._stream_limit = max(INITIAL_PEER_WINDOW, cfg.max_stream_buffer)
 
         # Send side.
         self._tx_busy = False
@@ -554,7 +561,15 @@ class Session:
                 raise stream._send_error()
             if self._window(stream) > 0:
                 return
-            self._wait_for_reader(stream, deadline)  # a UPD
+            # The UPD we need may sit behind data nobody reads yet: while we
+            # wait, a v2 reader reads past the session budget (see _may_read).
+            self._window_waiters += 1
+            if self._reader_paused:
+                self._reader_cond.notify_all()
+            try:
+                self._wait_for_reader(stream, deadline)
+            finally:
+                self._window_waiters -= 1
 
     def _acquire_transport(self, stream: Stream, deadline: float | None) -> None:
         """Own the transport, in arrival order behind other streams (lock held)."""
@@ -853,11 +868,19 @@ class Session:
 
     def _may_read(self) -> bool:
         """Whether anyone may read more frames now (lock held): the bounds on
-        unread data and on unwritten refusals hold for every reader."""
-        return (
-            self._buffered < self._config.max_receive_buffer
-            and self._refusals_queued <= _MAX_QUEUED_REFUSALS
-        )
+        unread data and on unwritten refusals hold for every reader.
+
+        Version 2 reads past the session budget while a local writer waits for
+        a window update: pausing then could deadlock (the UPD sits behind data
+        that the waiting writers would read after they wrote). Memory stays
+        bounded by the stream windows, which ``_on_psh`` enforces, and no new
+        stream is accepted while over the budget.
+        """
+        if self._refusals_queued > _MAX_QUEUED_REFUSALS:
+            return False
+        if self._buffered < self._config.max_receive_buffer:
+            return True
+        return self._version == 2 and self._window_waiters > 0
 
     def _end_read_turn(self) -> None:
         self._reading = False
@@ -1065,6 +1088,11 @@ class Session:
         if len(self._streams) >= cfg.max_streams:
             self._refuse(stream_id, "max_streams")
             return
+        if self._buffered >= cfg.max_receive_buffer and self._window_waiters:
+            # Reading past the budget for writers that wait for a UPD (version
+            # 2, see _may_read): a new stream could bring another whole window.
+            self._refuse(stream_id, "max_receive_buffer")
+            return
         if len(self._accept_queue) >= cfg.accept_backlog:
             if not self._refusing:
                 self._syn_stalled = True
@@ -1112,6 +1140,13 @@ class Session:
             if stream is None and length < _CHEAP_PAYLOAD:
                 self._orphan(stream_id, "PSH for an unknown stream")
             return
+        if self._version == 2 and stream._recv_buffered + length > self._stream_limit:
+            raise ProtocolError(
+                errno.EPROTO,
+                f"peer overran the window of stream {stream_id}: "
+                f"{stream._recv_buffered + length} bytes unread, at most "
+                f"{self._stream_limit} allowed",
+            )
         chunks = stream._chunks
         if chunks is None:
             chunks = stream._chunks = deque()
