@@ -8,6 +8,7 @@ import socket
 
 import pytest
 
+import pysmux
 from tests.util import payload, recv_exact, recv_to_eof, sha256, spawn, wait_until
 
 
@@ -126,8 +127,15 @@ def test_v2_echo_with_default_config_never_stalls(pair, streams):
     client would). Every stream may carry 256 KiB before the first UPD, far past
     the 4 MiB session budget; a reader that paused there left every echo
     handler waiting for UPDs queued behind the pause, and nobody read again (a
-    deadlock). The session reads on while writers wait, so every byte returns."""
-    client, server = pair(version=2)
+    deadlock). The session reads on while writers wait, so every byte returns.
+
+    The server, the side under test, has the default Config. The client holds
+    every echo until it starts reading, so its budget covers them: it plays a
+    slow client, not the session being tested."""
+    client, server = pair(
+        client_config=pysmux.Config(version=2, max_receive_buffer=(streams + 16) * 256 * 1024),
+        server_config=pysmux.Config(version=2),
+    )
     size = 512 * 1024  # two initial windows: the handlers must wait for UPDs
     blocked: list[int] = []
 
