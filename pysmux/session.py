@@ -191,6 +191,9 @@ class Session:
         self._dropped_frames = 0
         self._recently_closed: dict[int, None] = {}  # insertion-ordered set
         self._refused_streams = 0
+        # Set when a transport write failed: nothing is written any more, while
+        # reading goes on to the end of the transport.
+        self._write_error: SmuxError | None = None
         # Version 2: local writers waiting for a window update.
         self._window_waiters = 0
         # Version 2: the most a peer that honours the windows can make one
@@ -286,6 +289,10 @@ class Session:
         """Open a new stream. The peer learns of it with our first frame."""
         with self._lock:
             self._check_alive()
+            if self._write_error is not None:
+                raise SessionClosedError(
+                    errno.EPIPE, f"session can no longer write: {self._write_error}"
+                )
             stream_id = self._next_id
             if stream_id > _MASK:
                 raise SmuxError(
@@ -335,7 +342,11 @@ class Session:
         with self._lock:
             deadline = rt.monotonic() + _CLOSE_FLUSH_SECONDS
             target = self._control_queued
-            while not self._closed and self._control_written - target < 0:
+            while (
+                not self._closed
+                and self._write_error is None
+                and self._control_written - target < 0
+            ):
                 remaining = deadline - rt.monotonic()
                 if remaining <= 0:
                     break
@@ -360,12 +371,13 @@ class Session:
             raise SessionClosedError(errno.ECONNABORTED, f"session is closed: {self._error}")
 
     def _reset_error(self, stream_id: int) -> StreamResetError:
+        cause = self._error or self._write_error
         err = StreamResetError(
             errno.ECONNRESET,
             f"stream {stream_id} was reset: the session ended before the peer "
-            f"closed it ({self._error})",
+            f"closed it ({cause})",
         )
-        err.__cause__ = self._error
+        err.__cause__ = cause
         return err
 
     def _abort(self, error: SmuxError) -> None:
@@ -374,7 +386,8 @@ class Session:
             if self._closed:
                 return
             self._closed = True
-            self._error = error
+            # A failed write came first: it is why the session ended.
+            self._error = error = self._write_error or error
             if self._leader is not None:
                 os.eventfd_write(self._wake_fd, 1)
             streams = list(self._streams.values())
@@ -416,6 +429,10 @@ class Session:
             self._queue_control(encode_header(self._version, CMD_FIN, 0, stream.id))
             stream._wake()
             self._unregister_if_done(stream)
+        elif stream._send_state == SEND_RESET:
+            # The session is gone, so no FIN; but a send after the caller's own
+            # shutdown is a broken pipe, as on a socket.
+            stream._send_state = SEND_SHUT
 
     def _shut_recv(self, stream: Stream) -> None:
         if self._leader is stream:
@@ -450,6 +467,8 @@ class Session:
 
     def _queue_control(self, item: _ControlItem) -> None:
         """Queue a control frame; it never waits behind more than one data frame."""
+        if self._write_error is not None:
+            return  # nothing can be written any more
         self._control.append(item)
         self._control_queued += 1
         if not self._tx_busy:
@@ -664,11 +683,28 @@ class Session:
             raise
 
     def _fail_write(self, why: str) -> None:
-        """End the session after a failed write and give up the transport (lock not held)."""
-        self._abort(SessionClosedError(errno.EPIPE, why))
+        """Stop writing for good after a failed write (lock not held).
+
+        Reading goes on until the transport ends: frames the peer sent before it
+        went away (a reply, then its FIN) are still delivered, as a socket
+        still returns data that arrived before a failed send. The reader then
+        ends the session with this error.
+        """
         with self._lock:
             self._tx_busy = False
             self._notify_idle()
+            if self._closed or self._write_error is not None:
+                return
+            self._write_error = SessionClosedError(errno.EPIPE, why)
+            self._control.clear()
+            for stream in [*self._streams.values(), *self._tx_waiters]:
+                if stream._send_state == SEND_OPEN:
+                    stream._send_state = SEND_RESET
+                stream._wake()
+            self._writer_cond.notify_all()
+        log.debug("pysmux: %s; reading on until the transport ends", why)
+        with contextlib.suppress(OSError):
+            self._sock.shutdown(socket.SHUT_WR)
 
     def _transmit(self, parts: list[Any], deadline: float | None) -> None:
         """Put ``parts`` on the wire (transport held, lock not held).
