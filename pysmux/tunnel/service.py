@@ -109,6 +109,7 @@ class Service:
         self._aborts: dict[int, Callable[[], None]] = {}
         self._active = 0  # carried connections (including those being set up)
         self._draining = False
+        self._accepting = False
         # Running totals: the tunnel's own, and those of its sessions that ended.
         self._counts: dict[str, int] = dict.fromkeys(self._COUNTERS, 0)
         self._ended_sessions: dict[str, int] = {}
@@ -185,6 +186,8 @@ class Service:
             self._address = (str(host), int(port))
         log.info("%s listening on %s", type(self).__name__, format_address(self._address))
         self._start_tasks()
+        with self._lock:
+            self._accepting = True
         if not self._spawn(self._accept_loop, "pysmux-tunnel-accept"):
             self.close()
             raise RuntimeError("the tunnel was closed while starting, or no task could start")
@@ -206,6 +209,13 @@ class Service:
             self._draining = True
             self._cond.notify_all()
             listener = self._listener
+        if listener is not None:
+            with contextlib.suppress(OSError):
+                listener.shutdown(socket.SHUT_RDWR)  # wakes accept()
+        with self._lock:
+            # The accept loop closes the listener as it ends: new connections are refused.
+            while self._accepting and rt.monotonic() < deadline:
+                self._cond.wait(deadline - rt.monotonic())
         if not already:
             log.info(
                 "%s draining: up to %g s for %d connection(s)",
@@ -213,9 +223,6 @@ class Service:
                 timeout,
                 self._active,
             )
-        if listener is not None:
-            with contextlib.suppress(OSError):
-                listener.shutdown(socket.SHUT_RDWR)  # refuses new connections, wakes accept()
         with self._lock:
             while self._active and not self._closed:
                 remaining = deadline - rt.monotonic()
@@ -417,6 +424,16 @@ class Service:
         raise last
 
     def _accept_loop(self) -> None:
+        try:
+            self._accept_all()
+        finally:
+            if self._draining:
+                self._listener.close()
+            with self._lock:
+                self._accepting = False
+                self._cond.notify_all()
+
+    def _accept_all(self) -> None:
         listener = self._listener
         while True:
             try:
