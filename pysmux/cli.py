@@ -31,7 +31,14 @@ from . import __version__
 from .config import Config
 from .metrics import MetricsServer
 from .runner import ProcessSignals, StatsLog, log_stats
-from .tunnel import EchoServer, TunnelClient, TunnelServer, format_address, parse_address
+from .tunnel import (
+    EchoServer,
+    TunnelClient,
+    TunnelServer,
+    configfile,
+    format_address,
+    parse_address,
+)
 from .tunnel.service import MAX_SECONDS
 
 __all__ = ["add_smux_options", "build_parser", "config_from_args", "main"]
@@ -276,6 +283,12 @@ def _command(sub: Any, name: str, description: str) -> argparse.ArgumentParser:
         name, allow_abbrev=False, help=description, description=description
     )
     add_smux_options(parser)
+    parser.add_argument(
+        "-c",
+        "--config",
+        metavar="FILE",
+        help="a kcptun-style JSON config; flags given here override it",
+    )
     return parser
 
 
@@ -392,12 +405,37 @@ def _setup_logging(args: argparse.Namespace) -> None:
         handler.addFilter(_FlagNames())
 
 
+def _apply_config_file(argv: list[str], commands: dict[str, argparse.ArgumentParser]) -> list[str]:
+    """Make ``-c FILE``'s settings the subcommand's defaults (before parsing: a required
+    address may come from the file); the warnings to log. Bad values exit with status 2."""
+    name = next((a for a in argv if not a.startswith("-")), None)
+    command = commands.get(name or "")
+    if command is None:
+        return []
+    path = None
+    for i, arg in enumerate(argv):
+        if arg in ("-c", "--config") and i + 1 < len(argv):
+            path = argv[i + 1]
+        elif arg.startswith("--config="):
+            path = arg.partition("=")[2]
+    if path is None:
+        return []
+    try:
+        return configfile.apply(command, path)
+    except (OSError, ValueError) as exc:
+        command.error(str(exc))
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Run the ``pysmux`` command; returns the exit status."""
     parser, commands = _build_parsers()
+    argv = list(sys.argv[1:] if argv is None else argv)
+    notes = _apply_config_file(argv, commands)
     args = parser.parse_args(argv)
     command = commands[args.command]  # its usage goes with every error below
     _setup_logging(args)
+    for note in notes:
+        log.warning("%s", note)
     try:
         config = config_from_args(args)
     except ValueError as exc:

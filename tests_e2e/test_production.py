@@ -5,6 +5,7 @@ processes (the helpers and fixtures of ``test_cli.py``)."""
 from __future__ import annotations
 
 import contextlib
+import json
 import logging
 import re
 import signal
@@ -475,3 +476,76 @@ def test_cli_version_mismatch_names_the_flag(
     text = "\n".join(server.err + client.err)
     assert "pysmux: pysmux:" not in text
     assert not re.search(r"Config\.version", text), text
+
+
+# ---------------------------------------------------------------------------
+# config files
+
+
+@CHILD
+def test_cli_kcptun_config_file(
+    runtime: str,
+    cli: Callable[..., Cli],
+    target: Callable[..., TcpTarget],
+    tmp_path: Any,
+) -> None:
+    """A kcptun user runs ``pysmux server -c server.json`` and ``pysmux client -c
+    client.json`` with their existing configs: addresses, conn, smuxver and the smux buffers
+    come from the files, a flag on the command line wins over the file (``--conn 1``), every
+    KCP or cipher key is ignored with one warning saying why, an unknown key is warned
+    about, and connections go through."""
+    echo = target()
+    server_json = tmp_path / "server.json"
+    server_json.write_text(json.dumps({
+        "listen": "127.0.0.1:0", "target": addr_arg(echo.address), "smuxver": 2,
+        "crypt": "aes", "key": "it's a secret", "mode": "fast3", "mtu": 1350,
+    }))  # fmt: skip
+    server = cli("server", "-c", str(server_json))
+    saddr = server.address()
+    for key in ("crypt", "key", "mode", "mtu"):
+        lines = [line for line in server.err if f"'{key}' ignored: pysmux carries smux" in line]
+        assert len(lines) == 1, server.describe()
+    client_json = tmp_path / "client.json"
+    client_json.write_text(json.dumps({
+        "localaddr": "127.0.0.1:0", "remoteaddr": addr_arg(saddr), "conn": 3, "smuxver": 2,
+        "smuxbuf": 4194304, "streambuf": 1048576, "keepalive": 5, "autoexpire": 0,
+        "scavengettl": 60, "sndwnd": 1024, "datashard": 10, "parityshard": 3,
+        "nocomp": True, "dscp": 0, "frobnicate": 1,
+    }))  # fmt: skip
+    client = cli("client", "-c", str(client_json), "--conn", "1")
+    caddr = client.address()
+    client.wait_lines(r"over 1 mux connection\(s\), smux v2", stderr=True)
+    client.wait_lines(r"unknown key 'frobnicate' ignored", stderr=True)
+    assert len([line for line in client.err if "ignored: pysmux carries" in line]) == 5
+    echo_many(caddr, count=2, size=256 * 1024)
+    for end in (client, server):
+        end.send_signal(signal.SIGTERM)
+        assert end.wait(10) == 0, end.describe()
+
+
+@CHILD
+def test_cli_config_file_errors_name_the_key(
+    runtime: str, cli: Callable[..., Cli], tmp_path: Any
+) -> None:
+    """A config file with a bad value, broken JSON or a missing file stops the command with
+    status 2 and a message naming the file and the key; nothing listens."""
+    cases = [
+        ({"remoteaddr": "127.0.0.1:1", "conn": 0}, r"conn=0: 0 must be > 0"),
+        ({"remoteaddr": "127.0.0.1:1", "smuxver": 3}, r"smuxver=3: must be one of 1, 2"),
+        ({"remoteaddr": "nowhere"}, r"remoteaddr=\"nowhere\": 'nowhere': expected HOST:PORT"),
+        ({"remoteaddr": "127.0.0.1:1", "keepalive": "often"}, r"keepalive=\"often\": "),
+        ([1, 2], r"expected a JSON object"),
+    ]
+    for i, (content, message) in enumerate(cases):
+        path = tmp_path / f"bad{i}.json"
+        path.write_text(json.dumps(content))
+        p = cli("client", "-l", "127.0.0.1:0", "-c", str(path))
+        assert p.wait() == 2, p.describe()
+        assert p.out == [], p.describe()
+        assert re.search(re.escape(str(path)) + ": " + message, p.err[-1]), p.describe()
+    broken = tmp_path / "broken.json"
+    broken.write_text('{"conn": 2,')
+    p = cli("client", "-c", str(broken))
+    assert p.wait() == 2 and "not valid JSON" in p.err[-1], p.describe()
+    p = cli("client", "-c", str(tmp_path / "missing.json"))
+    assert p.wait() == 2 and "No such file" in p.err[-1], p.describe()
