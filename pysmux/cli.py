@@ -39,7 +39,7 @@ from .tunnel import (
     format_address,
     parse_address,
 )
-from .tunnel.service import MAX_SECONDS
+from .tunnel.service import MAX_SECONDS, Service
 
 __all__ = ["add_smux_options", "build_parser", "config_from_args", "main"]
 
@@ -405,6 +405,17 @@ def _setup_logging(args: argparse.Namespace) -> None:
         handler.addFilter(_FlagNames())
 
 
+def _start(service: Service, announce: str, where: str) -> bool:
+    """Start ``service`` and print ``ANNOUNCE on HOST:PORT``; False (logged) if it cannot listen."""
+    try:
+        service.start()
+    except OSError as exc:
+        log.error("cannot listen on %s: %s", where, exc)
+        return False
+    print(f"{announce} on {format_address(service.address)}", flush=True)
+    return True
+
+
 def _apply_config_file(argv: list[str], commands: dict[str, argparse.ArgumentParser]) -> list[str]:
     """Make ``-c FILE``'s settings the subcommand's defaults (before parsing: a required
     address may come from the file); the warnings to log. Bad values exit with status 2."""
@@ -454,20 +465,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     metrics: MetricsServer | None = None
     stats_log: StatsLog | None = None
     try:
-        try:
-            service.start()
-        except OSError as exc:
-            log.error("cannot listen on %s: %s", args.listen, exc)
+        if not _start(service, "listening", args.listen):
             return 1
-        print(f"listening on {format_address(service.address)}", flush=True)
         if args.metrics is not None:
             metrics = MetricsServer(args.metrics, service.stats, args.command, runtime=args.runtime)
-            try:
-                metrics.start()
-            except OSError as exc:
-                log.error("cannot serve metrics on %s: %s", args.metrics, exc)
+            if not _start(metrics, "metrics", args.metrics):
                 return 1
-            print(f"metrics on {format_address(metrics.address)}", flush=True)
         if args.verbose:
             stats_log = StatsLog(service.stats, args.stats_interval, args.runtime)
         if isinstance(service, TunnelClient):
