@@ -200,6 +200,14 @@ class Session:
         # stream hold unread: Go assumes 256 KiB before our first UPD, then
         # the window we advertise.
         self._stream_limit = max(INITIAL_PEER_WINDOW, cfg.max_stream_buffer)
+        # What stats() reports; plain ints changed under the session lock.
+        self._streams_opened = 0
+        self._streams_accepted = 0
+        self._frames_sent = 0
+        self._bytes_sent = 0  # transport bytes, headers included, once a write starts
+        self._frames_received = 0
+        self._bytes_received = 0
+        self._protocol_errors = 0
 
         # Send side.
         self._tx_busy = False
@@ -285,6 +293,31 @@ class Session:
         """Incoming streams refused (with a FIN) because a limit was reached."""
         return self._refused_streams
 
+    def stats(self) -> dict[str, int]:
+        """This session's counters and gauges, as one consistent snapshot.
+
+        Counters (only grow): ``streams_opened`` (by this side),
+        ``streams_accepted`` (opened by the peer), ``streams_refused``,
+        ``frames_sent``, ``bytes_sent``, ``frames_received``,
+        ``bytes_received`` (transport bytes, headers included),
+        ``dropped_frames``, ``protocol_errors`` (0 or 1). Gauges: ``streams``
+        (tracked now), ``buffered_bytes`` (received, not yet read).
+        """
+        with self._lock:
+            return {
+                "streams_opened": self._streams_opened,
+                "streams_accepted": self._streams_accepted,
+                "streams_refused": self._refused_streams,
+                "frames_sent": self._frames_sent,
+                "bytes_sent": self._bytes_sent,
+                "frames_received": self._frames_received,
+                "bytes_received": self._bytes_received,
+                "dropped_frames": self._dropped_frames,
+                "protocol_errors": self._protocol_errors,
+                "streams": len(self._streams),
+                "buffered_bytes": self._buffered,
+            }
+
     def open_stream(self) -> Stream:
         """Open a new stream. The peer learns of it with our first frame."""
         with self._lock:
@@ -300,6 +333,7 @@ class Session:
                     "this session has used all 2**32 stream ids; open a new session",
                 )
             self._next_id += 2
+            self._streams_opened += 1
             stream = Stream(self, stream_id)
             # Registered before the SYN is queued: a reply right after the peer's
             # accept finds the stream (Go loses it: docs/design.md section 9.1).
@@ -388,6 +422,8 @@ class Session:
             self._closed = True
             # A failed write came first: it is why the session ended.
             self._error = error = self._write_error or error
+            if isinstance(error, ProtocolError):
+                self._protocol_errors += 1
             if self._leader is not None:
                 os.eventfd_write(self._wake_fd, 1)
             streams = list(self._streams.values())
@@ -403,10 +439,9 @@ class Session:
             self._reader_cond.notify_all()
             self._writer_cond.notify_all()
             self._notify_idle()
-        if isinstance(error, ProtocolError):
-            log.warning("pysmux: session ended: %s", error)
-        else:
-            log.debug("pysmux: session ended: %s", error)
+        # Every caller learns why (``error``, the exceptions it raises): the
+        # owner of the session reports it, not the library a second time.
+        log.debug("session ended: %s", error)
         # shutdown (not close) wakes a thread blocked in recv or send on Linux;
         # the reader closes the socket once no one is using it.
         with contextlib.suppress(OSError):
@@ -492,6 +527,8 @@ class Session:
             else:
                 frames.append(item)
         self._control.clear()
+        self._frames_sent += len(frames)
+        self._bytes_sent += sum(map(len, frames))
         self._control_taken = self._control_queued
         if not frames:  # every item was a UPD nobody needs: nothing left to write
             self._control_written = self._control_taken
@@ -537,6 +574,8 @@ class Session:
                     count = min(size - sent, max_frame, self._window(stream))
                 if count > 0:
                     stream._num_written = (stream._num_written + count) & _MASK
+                    self._frames_sent += 1
+                    self._bytes_sent += HEADER_SIZE + count
                     frames = self._take_control()
                     frames.append(encode_header(self._version, CMD_PSH, count, stream.id))
                     frames.append(view[sent : sent + count])
@@ -967,6 +1006,7 @@ class Session:
             raise SessionClosedError(errno.ECONNRESET, f"transport closed by the peer ({where})")
         self._rend = end + count
         self._last_rx = self._runtime.monotonic()
+        self._bytes_received += count  # one writer: whoever holds the read turn
 
     def _absorb(self) -> None:
         """Handle the complete frames in the read buffer (read turn and lock held)."""
@@ -1043,11 +1083,13 @@ class Session:
         while end - start >= HEADER_SIZE:
             ver, cmd, length, stream_id = unpack(view, start)
             if ver != version:
-                raise ProtocolError(
+                error = ProtocolError(
                     errno.EPROTO,
                     f"peer sent a version {ver} frame to a version {version} session "
                     f"(both ends must use the same Config.version)",
                 )
+                error.received = bytes(view[start : min(end, start + 64)])
+                raise error
             handler = handlers.get(cmd)
             if handler is None:
                 raise ProtocolError(errno.EPROTO, f"peer sent unknown command {cmd}")
@@ -1056,6 +1098,7 @@ class Session:
             payload_end = start + HEADER_SIZE + length
             if payload_end > end:
                 break
+            self._frames_received += 1
             handler(stream_id, view[start + HEADER_SIZE : payload_end])
             if self._syn_stalled:
                 break  # this SYN waits for room in the accept queue
@@ -1139,6 +1182,7 @@ class Session:
         stream = Stream(self, stream_id)
         self._streams[stream_id] = stream
         self._accept_queue.append(stream)
+        self._streams_accepted += 1
         self._accept_cond.notify()
 
     def _refuse(self, stream_id: int, limit: str) -> None:

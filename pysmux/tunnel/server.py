@@ -17,8 +17,8 @@ from typing import Any
 from ..config import Config
 from ..runtime import Runtime
 from ..session import Session
-from ..session import server as mux_server
 from ..stream import Stream
+from .handshake import describe_end, start_session
 from .net import Address, as_address, format_address, reset_and_close
 from .pipe import chunks
 from .service import Service, check_seconds
@@ -70,7 +70,11 @@ class MuxServer(Service):
             )
             reset_and_close(sock)
             return
-        session = mux_server(sock, config=self._config, runtime=self._rt)
+        try:
+            session = start_session(sock, self._config, self._rt, is_client=False)
+        except OSError as exc:
+            log.info("mux connection from %s: gone before it started: %s", where, exc)
+            return
         token = self._track_session(session)
         if token is None:
             session.close()
@@ -79,8 +83,7 @@ class MuxServer(Service):
             functools.partial(self._serve_session, session, token, where),
             f"pysmux-tunnel-session-{where}",
         ):
-            self._untrack_session(token)
-            session.close()
+            self._end_session(token)
 
     def _serve_session(self, session: Session, token: int, where: str) -> None:
         log.info("mux connection from %s", where)
@@ -92,7 +95,12 @@ class MuxServer(Service):
                     break
                 label = f"{where}/{stream.id}"
                 if not self._reserve_conn():
-                    log.warning("stream %s refused: max_conns=%d reached", label, self._max_conns)
+                    if self._draining:
+                        log.info("stream %s refused: draining", label)
+                    else:
+                        log.warning(
+                            "stream %s refused: max_conns=%d reached", label, self._max_conns
+                        )
                     stream.close()
                     continue
                 if not self._spawn(
@@ -102,10 +110,11 @@ class MuxServer(Service):
                     self._release_conn()
                     stream.close()
         finally:
-            self._untrack_session(token)
-            session.close()
+            self._end_session(token)
             if not self._closed:
-                log.info("mux connection from %s ended: %s", where, session.error)
+                why, misconfigured = describe_end(session, where, "sent")
+                level = logging.WARNING if misconfigured else logging.INFO
+                log.log(level, "mux connection from %s ended: %s", where, why)
 
     def _serve_stream_task(self, stream: Stream, label: str) -> None:
         try:
@@ -160,11 +169,14 @@ class TunnelServer(MuxServer):
     def target(self) -> Address:
         return self._target
 
+    _COUNTERS = (*MuxServer._COUNTERS, "target_connect_failures")
+
     def _serve_stream(self, stream: Stream, label: str) -> None:
         target = format_address(self._target)
         try:
             sock = self._dial(self._target, self._connect_timeout)
         except OSError as exc:
+            self._count("target_connect_failures")
             if not self._closed:
                 log.warning("stream %s: cannot connect to target %s: %s", label, target, exc)
             return
