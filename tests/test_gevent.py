@@ -294,6 +294,63 @@ def test_hub_never_blocked_during_bulk_transfer(pair, hub_watch, version):
     assert watch.ticks > 10
 
 
+def test_hub_never_blocked_by_a_flood_of_tiny_frames(runtime, hub_watch):
+    """A peer (a child process) that never stops sending 1-byte frames: the
+    reader greenlet always finds data waiting, and gevent's recv then never
+    yields. The reader yields after each slice of frames itself, so the other
+    greenlets keep running (an echo server stalled for 6.6 s before)."""
+    import gevent
+    import gevent.socket
+
+    from pysmux import frame
+
+    plain_mine, theirs = socket.socketpair()
+    mine = gevent.socket.socket(fileno=plain_mine.detach())
+    one = frame.encode_header(1, frame.CMD_PSH, 1, 3) + b"x"
+    code = (
+        "import socket, sys, time\n"
+        "s = socket.socket(fileno=int(sys.argv[1]))\n"
+        "flood = bytes.fromhex(sys.argv[2]) * 8192\n"
+        "deadline = time.monotonic() + 1.5\n"
+        "while time.monotonic() < deadline:\n"
+        "    s.sendall(flood)\n"
+        "s.close()\n"
+    )
+    with mine, theirs:
+        session = pysmux.server(mine, config=pysmux.Config(keepalive=False), runtime=runtime)
+        theirs.sendall(frame.encode_header(1, frame.CMD_SYN, 0, 3))
+        try:
+            st = session.accept_stream(timeout=5)
+            watch = hub_watch()
+            flooder = subprocess.Popen(
+                [sys.executable, "-c", code, str(theirs.fileno()), one.hex()],
+                pass_fds=[theirs.fileno()],
+            )
+
+            def drain() -> int:
+                # Like a socket, a stream with data waiting does not yield: an
+                # application loop that only reads must yield itself.
+                total = 0
+                st.settimeout(0.5)
+                while flooder.poll() is None:
+                    try:
+                        total += len(st.recv(1 << 16))
+                    except TimeoutError:
+                        continue
+                    gevent.sleep(0)
+                return total
+
+            try:
+                assert spawn(drain).result(20) > 0
+            finally:
+                flooder.kill()
+                flooder.wait(10)
+            watch.check()
+            assert watch.ticks > 10
+        finally:
+            session.close()
+
+
 def test_hub_never_blocked_while_many_streams_open_and_close(pair, hub_watch):
     """Request/response on 2,000 short streams from 50 greenlets: the same promise."""
     client, server = pair(version=2)
