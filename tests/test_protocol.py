@@ -495,10 +495,11 @@ def test_window_shrinking_while_a_sender_waits_for_the_transport(raw_session):
     assert session.error is None
 
 
-@pytest.mark.parametrize("version", [1, 2], ids=["v1", "v2"])
+@pytest.mark.parametrize("version", [1], ids=["v1"])
 def test_peer_ignoring_flow_control_cannot_make_the_session_buffer_more(raw_session, version):
-    """A peer that pushes data nobody reads (and, in v2, ignores the window) is
-    stopped by the session budget: the session stops reading the transport."""
+    """A v1 peer that pushes data nobody reads is stopped by the session budget:
+    the session stops reading the transport. (In v2 the stream window stops it
+    first, with a ProtocolError: test_flow.py's window-overrun test.)"""
     budget = 1 << 20
     session, peer = raw_session(version=version, max_receive_buffer=budget)
     peer.syn(3)
