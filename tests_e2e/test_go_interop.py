@@ -121,11 +121,13 @@ def test_echo_go_client_pysmux_server(
 ) -> None:
     """A Go smux client can open many streams (or one big one) to a pysmux server that
     echoes, and reads back exactly what it sent, checksummed on the Go side."""
-    # v2: a Go sender assumes a 256 KiB window per stream before our first UPD, so 64
-    # streams can have 16 MiB in flight. Past the session budget (4 MiB by default) our
-    # reader pauses; echo writers then wait for UPDs that sit unread behind the pause,
-    # and nobody reads: a deadlock (about 1 run in 15; reported). A budget that covers
-    # every initial window avoids it.
+    # WORKAROUND for a known pysmux bug, the v2 flow-control issue (not fixed yet): with
+    # the default 4 MiB max_receive_buffer this test stalls about 1 run in 15. A Go
+    # sender assumes a 256 KiB window per stream before our first UPD, so 64 streams can
+    # have 16 MiB in flight; past the session budget our reader pauses, the echo writers
+    # wait for UPDs that sit unread behind that pause, and nothing moves again. The
+    # raised budget below hides the stall so that this test checks the echo itself;
+    # remove it (use the defaults) when the v2 flow-control issue is fixed.
     config = {"max_receive_buffer": streams * 256 * 1024} if version == 2 and streams > 1 else {}
     peer, sess = py_server(
         gopeer,
