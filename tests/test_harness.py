@@ -68,22 +68,30 @@ def test_runtime_matches_sockets(runtime):
 ROOT = pathlib.Path(__file__).resolve().parent.parent
 
 
-def run_probes(tmp_path: pathlib.Path) -> str:
+def child_pytest(
+    tmp_path: pathlib.Path, probes: str, env: dict[str, str], report: str
+) -> subprocess.CompletedProcess[str]:
+    """Run ``probes`` (a test module) in a child pytest on both runtimes, with a copy of
+    the root conftest and the warning filters of setup.cfg; ``report`` is its -r flag."""
     shutil.copy(ROOT / "conftest.py", tmp_path / "conftest.py")
     (tmp_path / "pytest.ini").write_text("[pytest]\nfilterwarnings =\n    error\n")
-    (tmp_path / "test_probes.py").write_text(PROBES)
-    env = dict(os.environ)
-    env["PYTHONPATH"] = os.pathsep.join(p for p in (str(ROOT), env.get("PYTHONPATH")) if p)
+    (tmp_path / "test_probes.py").write_text(probes)
     env["PYSMUX_TEST_RUNTIME"] = "thread,gevent"
-    env["PYSMUX_TEST_LEAK_GRACE"] = "0.5"
-    proc = subprocess.run(
-        [sys.executable, "-m", "pytest", "-q", "-rA", "-p", "no:cacheprovider", "test_probes.py"],
+    return subprocess.run(
+        [sys.executable, "-m", "pytest", "-q", report, "-p", "no:cacheprovider", "test_probes.py"],
         cwd=tmp_path,
         env=env,
         capture_output=True,
         text=True,
         timeout=90,
     )
+
+
+def run_probes(tmp_path: pathlib.Path) -> str:
+    env = dict(os.environ)
+    env["PYTHONPATH"] = os.pathsep.join(p for p in (str(ROOT), env.get("PYTHONPATH")) if p)
+    env["PYSMUX_TEST_LEAK_GRACE"] = "0.5"
+    proc = child_pytest(tmp_path, PROBES, env, "-rA")
     assert proc.returncode == 1, proc.stdout + proc.stderr
     return proc.stdout
 
@@ -142,24 +150,13 @@ def run_probe(
         (stub / "gevent.py").write_text(GEVENT_STUB)
     else:
         (stub / "gevent.py").unlink(missing_ok=True)
-    shutil.copy(ROOT / "conftest.py", tmp_path / "conftest.py")
-    (tmp_path / "pytest.ini").write_text("[pytest]\nfilterwarnings =\n    error\n")
-    (tmp_path / "test_probe.py").write_text(RUNTIME_PROBE)
     env = {k: v for k, v in os.environ.items() if not k.startswith(("COVERAGE_", "PYTEST_"))}
     # No coverage in the child: configured for gevent, it would fail to start without it.
     env["PYTHONPATH"] = os.pathsep.join([str(stub), str(ROOT)])
-    env["PYSMUX_TEST_RUNTIME"] = "thread,gevent"
     env.pop("CI", None)
     if ci is not None:
         env["CI"] = ci
-    return subprocess.run(
-        [sys.executable, "-m", "pytest", "-q", "-rs", "-p", "no:cacheprovider", "test_probe.py"],
-        cwd=tmp_path,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=90,
-    )
+    return child_pytest(tmp_path, RUNTIME_PROBE, env, "-rs")
 
 
 @pytest.mark.runtime_independent(reason="the runs under test are child pytests")
