@@ -217,8 +217,14 @@ def target() -> Iterator[Callable[..., TcpTarget]]:
         return t
 
     yield make
+    errors: list[BaseException] = []
     for t in made:
-        t.close()
+        try:
+            t.close()
+        except BaseException as exc:  # close every target, then report
+            errors.append(exc)
+    if errors:
+        raise errors[0]
 
 
 @pytest.fixture
