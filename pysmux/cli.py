@@ -19,18 +19,20 @@ from __future__ import annotations
 import argparse
 import logging
 import os
+import re
 import signal
 import sys
 import threading
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from types import FrameType
-from typing import Any
+from typing import Any, NamedTuple
 
 from . import __version__
 from .config import Config
 from .tunnel import EchoServer, TunnelClient, TunnelServer, format_address, parse_address
+from .tunnel.service import MAX_SECONDS
 
-__all__ = ["build_parser", "main"]
+__all__ = ["add_smux_options", "build_parser", "config_from_args", "main"]
 
 log = logging.getLogger("pysmux.cli")
 
@@ -60,8 +62,8 @@ def _seconds(text: str) -> float:
         value = float(text)
     except ValueError:
         raise argparse.ArgumentTypeError(f"{text!r} is not a number of seconds") from None
-    if not 0 <= value < float("inf"):
-        raise argparse.ArgumentTypeError(f"{text} must be >= 0")
+    if not 0 <= value <= MAX_SECONDS:
+        raise argparse.ArgumentTypeError(f"{text} must be >= 0 and at most {MAX_SECONDS:g}")
     return value
 
 
@@ -72,73 +74,82 @@ def _positive_seconds(text: str) -> float:
     return value
 
 
-def build_parser() -> argparse.ArgumentParser:
-    """The argument parser of the ``pysmux`` command."""
-    # No abbreviations: `server --conn 2` must be an error, not --connect-timeout 2.
-    parser = argparse.ArgumentParser(
-        prog="pysmux",
-        allow_abbrev=False,
-        description="smux stream multiplexer tunnel (wire-compatible with Go's xtaci/smux)",
-    )
-    parser.add_argument("--version", action="version", version=f"pysmux {__version__}")
+class _SmuxFlag(NamedTuple):
+    """One smux flag of every subcommand, and the ``Config`` field it sets."""
 
-    common = argparse.ArgumentParser(add_help=False, allow_abbrev=False)
-    smux = common.add_argument_group("smux")
+    flag: str
+    field: str
+    parse: Callable[[str], Any]
+    metavar: str
+    help: str
+
+
+#: The smux flags after ``--smuxver``. Defaults are Config's but for ``_DEFAULTS``.
+_SMUX_FLAGS = (
+    _SmuxFlag("--smuxbuf", "max_receive_buffer", _positive_int, "BYTES", "session receive buffer"),
+    _SmuxFlag(
+        "--streambuf",
+        "max_stream_buffer",
+        _positive_int,
+        "BYTES",
+        "per-stream receive window, version 2 only; at most --smuxbuf",
+    ),
+    _SmuxFlag(
+        "--framesize", "max_frame_size", _positive_int, "BYTES", "largest frame payload sent"
+    ),
+    _SmuxFlag(
+        "--keepalive",
+        "keepalive_interval",
+        _seconds,
+        "SECONDS",
+        "keepalive interval; 0 turns keepalive off",
+    ),
+    _SmuxFlag(
+        "--keepalive-timeout",
+        "keepalive_timeout",
+        _positive_seconds,
+        "SECONDS",
+        "end a mux connection silent this long (default: max(30, 3 x keepalive))",
+    ),
+)
+#: The command's own defaults: kcptun's stream window, and a timeout that follows --keepalive.
+_DEFAULTS: dict[str, Any] = {"max_stream_buffer": 2 * 1024 * 1024, "keepalive_timeout": None}
+#: The flag that sets each Config field, for error messages.
+_FLAG_OF_FIELD = {"version": "--smuxver", **{f.field: f.flag for f in _SMUX_FLAGS}}
+
+
+def add_smux_options(parser: argparse.ArgumentParser) -> None:
+    """Add the flags every subcommand shares to ``parser`` (a subcommand's parser).
+
+    The ``smux`` group (``--smuxver``, ``--smuxbuf``, ``--streambuf``,
+    ``--framesize``, ``--keepalive``, ``--keepalive-timeout``) and
+    ``--runtime``, ``-q``, ``-v``. :func:`config_from_args` turns the smux
+    flags into a :class:`~pysmux.Config`; ``args.runtime`` is the runtime name
+    and ``args.quiet - args.verbose`` how much less to log.
+    """
+    smux = parser.add_argument_group("smux")
     smux.add_argument(
         "--smuxver",
         type=int,
         choices=(1, 2),
-        default=1,
-        help="smux protocol version; both ends must agree (default: 1)",
+        default=Config.version,
+        help="smux protocol version; both ends must agree (default: %(default)s)",
     )
-    smux.add_argument(
-        "--smuxbuf",
-        type=_positive_int,
-        default=4 * 1024 * 1024,
-        metavar="BYTES",
-        help="session receive buffer (default: 4194304)",
-    )
-    smux.add_argument(
-        "--streambuf",
-        type=_positive_int,
-        default=2 * 1024 * 1024,
-        metavar="BYTES",
-        help="per-stream receive window, version 2 only (default: 2097152)",
-    )
-    smux.add_argument(
-        "--framesize",
-        type=_positive_int,
-        default=32768,
-        metavar="BYTES",
-        help="largest frame payload sent (default: 32768)",
-    )
-    smux.add_argument(
-        "--keepalive",
-        type=_seconds,
-        default=10.0,
-        metavar="SECONDS",
-        help="keepalive interval; 0 turns keepalive off (default: 10)",
-    )
-    smux.add_argument(
-        "--keepalive-timeout",
-        type=_positive_seconds,
-        default=None,
-        metavar="SECONDS",
-        help="end a mux connection silent this long (default: max(30, 3 x keepalive))",
-    )
-    run = common.add_argument_group("process")
+    for f in _SMUX_FLAGS:
+        default = _DEFAULTS.get(f.field, getattr(Config, f.field))
+        smux.add_argument(
+            f.flag,
+            type=f.parse,
+            default=default,
+            metavar=f.metavar,
+            help=f.help if default is None else f"{f.help} (default: {_shown(default)})",
+        )
+    run = parser.add_argument_group("process")
     run.add_argument(
         "--runtime",
         choices=("thread", "gevent"),
         default="thread",
         help="threads (default) or gevent greenlets (needs gevent installed)",
-    )
-    run.add_argument(
-        "--max-conns",
-        type=_positive_int,
-        default=4096,
-        metavar="N",
-        help="connections carried at once; more are refused (default: 4096)",
     )
     run.add_argument(
         "-q", "--quiet", action="count", default=0, help="log less (warnings and errors only)"
@@ -147,70 +158,124 @@ def build_parser() -> argparse.ArgumentParser:
         "-v", "--verbose", action="count", default=0, help="log more (every connection)"
     )
 
+
+def config_from_args(args: argparse.Namespace) -> Config:
+    """The session :class:`~pysmux.Config` of the flags :func:`add_smux_options` added.
+
+    A value ``Config`` refuses raises ``ValueError`` naming the flag, as in
+    ``--framesize 70000: must be in 1..65535``; pass it to the subcommand
+    parser's ``error()`` to report it like any other bad flag (usage, status 2).
+    """
+    keepalive = args.keepalive > 0
+    interval = args.keepalive if keepalive else Config.keepalive_interval
+    timeout = args.keepalive_timeout
+    if timeout is None:
+        timeout = max(30.0, 3 * interval)
+    elif not keepalive:
+        interval = min(interval, timeout)  # both unused without keepalive: nothing to refuse
+    try:
+        return Config(
+            version=args.smuxver,
+            keepalive=keepalive,
+            keepalive_interval=interval,
+            keepalive_timeout=timeout,
+            max_frame_size=args.framesize,
+            max_receive_buffer=args.smuxbuf,
+            max_stream_buffer=min(args.streambuf, args.smuxbuf),
+        )
+    except ValueError as exc:
+        raise ValueError(_in_flags(str(exc), args)) from None
+
+
+def _in_flags(message: str, args: argparse.Namespace) -> str:
+    """``Config.FIELD=VALUE: WHY`` said with the flags the user typed; else ``message``."""
+    match = re.fullmatch(r"Config\.(\w+)=\S*: (.*)", message, re.DOTALL)
+    if match is None or match.group(1) not in _FLAG_OF_FIELD:
+        return message
+    field, why = match.groups()
+    flag = _FLAG_OF_FIELD[field]
+    for other, other_flag in _FLAG_OF_FIELD.items():
+        why = re.sub(rf"\b{other}\b", other_flag, why)
+    value = getattr(args, flag.lstrip("-").replace("-", "_"))
+    return f"{flag} {_shown(value)}: {why}"
+
+
+def _shown(value: object) -> str:
+    """A flag's value as a user would type it: ``10``, not ``10.0``."""
+    return f"{value:g}" if isinstance(value, float) else str(value)
+
+
+def _add_address(
+    parser: argparse.ArgumentParser, flags: tuple[str, str, str], help: str, default: str | None
+) -> None:
+    """``-X``, ``--NAME`` and kcptun's ``--NAMEaddr`` alias; required without a default."""
+    parser.add_argument(
+        *flags,
+        dest=flags[1].lstrip("-"),
+        type=_address,
+        required=default is None,
+        default=default,
+        metavar="ADDR",
+        help=help if default is None else f"{help} (default: {default})",
+    )
+
+
+_LISTEN = ("-l", "--listen", "--localaddr")
+
+
+def _add_tunnel_options(parser: argparse.ArgumentParser, connect_timeout_help: str | None) -> None:
+    """The flags of the tunnel subcommands besides -l: --max-conns, --connect-timeout."""
+    parser.add_argument(
+        "--max-conns",
+        type=_positive_int,
+        default=4096,
+        metavar="N",
+        help="connections carried at once; more are refused (default: %(default)s)",
+    )
+    if connect_timeout_help is not None:
+        parser.add_argument(
+            "--connect-timeout",
+            type=_positive_seconds,
+            default=10.0,
+            metavar="SECONDS",
+            help=f"{connect_timeout_help} (default: 10)",
+        )
+
+
+def _command(sub: Any, name: str, description: str) -> argparse.ArgumentParser:
+    """A subcommand's parser, with the shared flags."""
+    # No abbreviations: `server --conn 2` must be an error, not --connect-timeout 2.
+    parser: argparse.ArgumentParser = sub.add_parser(
+        name, allow_abbrev=False, help=description, description=description
+    )
+    add_smux_options(parser)
+    return parser
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The argument parser of the ``pysmux`` command."""
+    return _build_parsers()[0]
+
+
+def _build_parsers() -> tuple[argparse.ArgumentParser, dict[str, argparse.ArgumentParser]]:
+    """The ``pysmux`` parser, and each subcommand's parser by name (for its usage in errors)."""
+    parser = argparse.ArgumentParser(
+        prog="pysmux",
+        allow_abbrev=False,
+        description="smux stream multiplexer tunnel (wire-compatible with Go's xtaci/smux)",
+    )
+    parser.add_argument("--version", action="version", version=f"pysmux {__version__}")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
-    srv = sub.add_parser(
-        "server",
-        parents=[common],
-        allow_abbrev=False,
-        help="accept mux connections, forward each stream to a target",
-        description="Accept mux connections on -l; forward each stream as a TCP connection to -t.",
-    )
-    srv.add_argument(
-        "-l",
-        "--listen",
-        "--localaddr",
-        dest="listen",
-        type=_address,
-        default="0.0.0.0:29900",
-        metavar="ADDR",
-        help="where mux connections come in (default: 0.0.0.0:29900)",
-    )
-    srv.add_argument(
-        "-t",
-        "--target",
-        "--targetaddr",
-        dest="target",
-        type=_address,
-        required=True,
-        metavar="ADDR",
-        help="where each stream goes, HOST:PORT",
-    )
-    srv.add_argument(
-        "--connect-timeout",
-        type=_positive_seconds,
-        default=10.0,
-        metavar="SECONDS",
-        help="for connecting to the target (default: 10)",
-    )
+    srv = _command(sub, "server", "Accept mux connections; forward each stream to a target.")
+    _add_address(srv, _LISTEN, "where mux connections come in", "0.0.0.0:29900")
+    _add_address(srv, ("-t", "--target", "--targetaddr"), "where each stream goes, HOST:PORT", None)
+    _add_tunnel_options(srv, "for connecting to the target")
 
-    cli = sub.add_parser(
-        "client",
-        parents=[common],
-        allow_abbrev=False,
-        help="accept TCP connections, carry each as a stream to a server",
-        description="Accept TCP connections on -l; carry each as one stream over --conn mux "
-        "connections to -r.",
-    )
-    cli.add_argument(
-        "-l",
-        "--listen",
-        "--localaddr",
-        dest="listen",
-        type=_address,
-        default="127.0.0.1:12948",
-        metavar="ADDR",
-        help="where TCP connections come in (default: 127.0.0.1:12948)",
-    )
-    cli.add_argument(
-        "-r",
-        "--remote",
-        "--remoteaddr",
-        dest="remote",
-        type=_address,
-        required=True,
-        metavar="ADDR",
-        help="the pysmux (or Go smux) server, HOST:PORT",
+    cli = _command(sub, "client", "Accept TCP connections; carry each as a stream to a server.")
+    _add_address(cli, _LISTEN, "where TCP connections come in", "127.0.0.1:12948")
+    _add_address(
+        cli, ("-r", "--remote", "--remoteaddr"), "the pysmux (or Go smux) server, HOST:PORT", None
     )
     cli.add_argument(
         "--conn",
@@ -219,51 +284,15 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="N",
         help="parallel mux connections; streams are spread round-robin (default: 1)",
     )
-    cli.add_argument(
-        "--connect-timeout",
-        type=_positive_seconds,
-        default=10.0,
-        metavar="SECONDS",
-        help="for dialling the server, and how long a new TCP connection waits for a "
-        "mux connection (default: 10)",
+    _add_tunnel_options(
+        cli,
+        "for dialling the server, and how long a new TCP connection waits for a mux connection",
     )
 
-    echo = sub.add_parser(
-        "echo",
-        parents=[common],
-        allow_abbrev=False,
-        help="accept mux connections and echo every stream (for tests and benchmarks)",
-        description="Accept mux connections on -l and echo every stream until its EOF.",
-    )
-    echo.add_argument(
-        "-l",
-        "--listen",
-        "--localaddr",
-        dest="listen",
-        type=_address,
-        default="127.0.0.1:29900",
-        metavar="ADDR",
-        help="where mux connections come in (default: 127.0.0.1:29900)",
-    )
-    return parser
-
-
-def _config(args: argparse.Namespace) -> Config:
-    """The session config of the flags; ``ValueError`` names the flag's field."""
-    keepalive = args.keepalive > 0
-    interval = args.keepalive if keepalive else 10.0
-    timeout = args.keepalive_timeout
-    if timeout is None:
-        timeout = max(30.0, 3 * interval)
-    return Config(
-        version=args.smuxver,
-        keepalive=keepalive,
-        keepalive_interval=interval,
-        keepalive_timeout=timeout,
-        max_frame_size=args.framesize,
-        max_receive_buffer=args.smuxbuf,
-        max_stream_buffer=min(args.streambuf, args.smuxbuf),
-    )
+    echo = _command(sub, "echo", "Accept mux connections; echo every stream (for trying clients).")
+    _add_address(echo, _LISTEN, "where mux connections come in", "127.0.0.1:29900")
+    _add_tunnel_options(echo, None)
+    return parser, dict(sub.choices)
 
 
 def _service(args: argparse.Namespace, config: Config) -> TunnelServer | TunnelClient | EchoServer:
@@ -352,22 +381,23 @@ def _setup_logging(args: argparse.Namespace) -> None:
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Run the ``pysmux`` command; returns the exit status."""
-    parser = build_parser()
+    parser, commands = _build_parsers()
     args = parser.parse_args(argv)
+    command = commands[args.command]  # its usage goes with every error below
     _setup_logging(args)
     try:
-        config = _config(args)
+        config = config_from_args(args)
     except ValueError as exc:
-        parser.error(str(exc))
+        command.error(str(exc))
     if args.runtime == "gevent":
         try:
             import gevent  # noqa: F401
         except ImportError:
-            parser.error("--runtime gevent needs gevent: pip install 'pysmux[gevent]'")
+            command.error("--runtime gevent needs gevent: pip install 'pysmux[gevent]'")
     try:
         service = _service(args, config)
     except ValueError as exc:
-        parser.error(str(exc))
+        command.error(str(exc))
     stop = _StopSignal(args.runtime)  # before listening: a signal from now on is graceful
     try:
         try:

@@ -57,8 +57,9 @@ from .frame import (
     encode_header,
     encode_upd,
 )
-from .runtime import Runtime, get_runtime
+from .runtime import Runtime, bounded_wait, check_timeout, get_runtime
 from .stream import (
+    INITIAL_PEER_WINDOW,
     RECV_EOF,
     RECV_OPEN,
     RECV_RESET,
@@ -82,6 +83,10 @@ _MAX_FRAME = HEADER_SIZE + MAX_PAYLOAD
 #: A PSH for an unknown stream shorter than this counts as junk: it costs the
 #: peer little.
 _CHEAP_PAYLOAD = 512
+#: Payloads shorter than this are appended to the stream's last small-payload
+#: buffer (up to _COALESCE_LIMIT bytes) instead of being kept as one object each.
+_SMALL_PAYLOAD = 1024
+_COALESCE_LIMIT = 65536
 #: Ids of streams we closed that the peer may still legally send to (it has
 #: not seen our FIN yet, or old Go keeps writing): frames for them are not junk.
 _RECENTLY_CLOSED = 4096
@@ -100,7 +105,18 @@ _CLOSE_FLUSH_SECONDS = 0.5
 #: How long close() waits for the session's own tasks to end.
 _JOIN_SECONDS = 5.0
 
+#: How long the writer task blocks in one transport write before it looks at
+#: the keepalive clock again.
+_WRITER_SLICE = 1.0
+
 _ControlItem = bytes | Stream  # a whole frame, or a stream that owes an UPD
+
+#: What ``Session._write`` did: all written; handed to the writer task; failed.
+_WRITTEN, _DEFERRED, _FAILED = range(3)
+
+
+class _Expired(Exception):
+    """A write's deadline passed before its last byte went out."""
 
 
 class Session:
@@ -150,6 +166,7 @@ class Session:
         self._leader: Stream | None = None
         self._followers = 0  # tasks waiting for frames that another task reads
         self._bg_waiting = False
+        self._bg_parked = False  # the reader task waits for a stream reader's turn to end
         self._reader_active = 0.0
         self._handed_off = False  # the reader task just woke a stream reader
         self._rbuf = bytearray(_READ_BUFFER)
@@ -174,6 +191,12 @@ class Session:
         self._dropped_frames = 0
         self._recently_closed: dict[int, None] = {}  # insertion-ordered set
         self._refused_streams = 0
+        # Version 2: local writers waiting for a window update.
+        self._window_waiters = 0
+        # Version 2: the most a peer that honours the windows can make one
+        # stream hold unread: Go assumes 256 KiB before our first UPD, then
+        # the window we advertise.
+        self._stream_limit = max(INITIAL_PEER_WINDOW, cfg.max_stream_buffer)
 
         # Send side.
         self._tx_busy = False
@@ -190,9 +213,14 @@ class Session:
         self._writer_cond = rt.condition(lock)
         self._idle_cond = rt.condition(lock)
         self._idle_waiters = 0
-        self._sendmsg: Callable[[list[Any]], int] | None = None
-        if hasattr(sock, "sendmsg"):
-            self._sendmsg = sock.sendmsg
+        self._sendmsg: Callable[..., int] | None = getattr(sock, "sendmsg", None)
+        self._send: Callable[[Any], int] | None = getattr(sock, "send", None)
+        # Waits for room in the transport, for writes bounded by a deadline;
+        # None where the transport cannot be written without blocking (TLS).
+        self._wait_writable = rt.write_waiter(sock) if self._sendmsg is not None else None
+        # The rest of a write whose holder left (deadline, interruption): the
+        # writer task holds the transport until it has written it.
+        self._unfinished: list[Any] | None = None
 
         self._prepare_transport(sock)
         self._handlers: dict[int, Callable[[int, memoryview], None]] = {
@@ -267,14 +295,19 @@ class Session:
             self._next_id += 2
             stream = Stream(self, stream_id)
             # Registered before the SYN is queued: a reply right after the peer's
-            # accept finds the stream (Go loses it, DESIGN.md 5.1).
+            # accept finds the stream (Go loses it: docs/design.md section 9.1).
             self._streams[stream_id] = stream
             self._queue_control(encode_header(self._version, CMD_SYN, 0, stream_id))
             return stream
 
     def accept_stream(self, timeout: float | None = None) -> Stream:
-        """Wait for the peer to open a stream. TimeoutError after ``timeout`` seconds."""
+        """Wait for the peer to open a stream. TimeoutError after ``timeout`` seconds.
+
+        ``timeout`` is checked as ``socket.settimeout`` checks it (ValueError for
+        a negative value or NaN); None waits until a stream arrives or the
+        session ends (then SessionClosedError)."""
         rt = self._runtime
+        timeout = check_timeout(timeout)
         deadline = None if timeout is None else rt.monotonic() + timeout
         with self._lock:
             while True:
@@ -290,7 +323,7 @@ class Session:
                 remaining = deadline - rt.monotonic()
                 if remaining <= 0:
                     raise TimeoutError(f"no stream arrived within {timeout} s")
-                self._accept_cond.wait(remaining)
+                self._accept_cond.wait(bounded_wait(remaining))
 
     def close(self) -> None:
         """Close the session and its transport; wake every blocked call. Idempotent.
@@ -454,7 +487,12 @@ class Session:
     def _send_data(
         self, stream: Stream, view: memoryview, deadline: float | None, whole: bool
     ) -> int:
-        """Write ``view`` on ``stream`` frame by frame; the stream's send lock is held."""
+        """Write ``view`` on ``stream`` frame by frame; the stream's send lock is held.
+
+        A frame is committed once its first byte may go out: if the deadline
+        passes (or the caller is interrupted) in the middle of it, the writer
+        task finishes it, as a kernel finishes a socket's buffered bytes.
+        """
         size = len(view)
         sent = 0
         max_frame = self._config.max_frame_size
@@ -464,9 +502,10 @@ class Session:
                 self._wait_sendable(stream, deadline)
                 if stream._timeout == 0.0 and self._tx_busy:
                     # Non-blocking and another task is writing: queue the frame as
-                    # a socket would buffer it, up to a bound.
-                    count = self._queue_data(stream, view[sent:])
-                    sent += count
+                    # a socket would buffer it, up to a bound (then BlockingIOError).
+                    sent += self._queue_data(stream, view[sent:])
+                    if whole:
+                        continue
                     break
                 self._acquire_transport(stream, deadline)
                 error: OSError | None = None
@@ -483,18 +522,17 @@ class Session:
                     frames.append(encode_header(self._version, CMD_PSH, count, stream.id))
                     frames.append(view[sent : sent + count])
             if count <= 0:
-                self._release_transport()
+                self._release_transport(deadline)
                 if error is not None:
                     raise error
                 continue
-            try:
-                written = self._write_frames(frames)
-            finally:
-                self._release_transport()
-            if not written:
+            status = self._write(frames, deadline)
+            if status == _FAILED:
                 with lock:
                     raise stream._send_error()
             sent += count
+            if status == _WRITTEN:
+                self._release_transport(deadline)
             if not whole:
                 break
         return sent
@@ -523,7 +561,15 @@ class Session:
                 raise stream._send_error()
             if self._window(stream) > 0:
                 return
-            self._wait_for_reader(stream, deadline)  # a UPD
+            # The UPD we need may sit behind data nobody reads yet: while we
+            # wait, a v2 reader reads past the session budget (see _may_read).
+            self._window_waiters += 1
+            if self._reader_paused:
+                self._reader_cond.notify_all()
+            try:
+                self._wait_for_reader(stream, deadline)
+            finally:
+                self._window_waiters -= 1
 
     def _acquire_transport(self, stream: Stream, deadline: float | None) -> None:
         """Own the transport, in arrival order behind other streams (lock held)."""
@@ -539,13 +585,8 @@ class Session:
                 stream._wait(deadline)
         except BaseException:
             if stream._tx_granted:
-                # Granted and interrupted at once: pass the transport on.
-                self._tx_busy = True
-                self._lock.release()
-                try:
-                    self._release_transport()
-                finally:
-                    self._lock.acquire()
+                # Granted and interrupted at once: the writer task passes it on.
+                self._hand_to_writer([])
             elif stream in self._tx_waiters:
                 self._tx_waiters.remove(stream)
             raise
@@ -554,7 +595,7 @@ class Session:
         """Wait for progress of the transport (lock held)."""
         self._idle_waiters += 1
         try:
-            self._idle_cond.wait(timeout)
+            self._idle_cond.wait(bounded_wait(timeout))
         finally:
             self._idle_waiters -= 1
 
@@ -562,7 +603,7 @@ class Session:
         if self._idle_waiters:
             self._idle_cond.notify_all()
 
-    def _release_transport(self) -> None:
+    def _release_transport(self, deadline: float | None) -> None:
         """Flush queued control frames, then hand the transport on (lock not held)."""
         while True:
             with self._lock:
@@ -580,50 +621,115 @@ class Session:
                         self._tx_busy = False
                         self._notify_idle()
                     return
-            written = False
-            try:
-                written = self._write_frames(frames)
-            finally:
-                if not written:
-                    with self._lock:
-                        self._tx_busy = False
-                        self._notify_idle()
-            if not written:
+            if self._write(frames, deadline) != _WRITTEN:
                 return
 
-    def _write_frames(self, parts: list[Any]) -> bool:
-        """Write whole frames with one call; on failure end the session and return False.
+    def _hand_to_writer(self, parts: list[Any]) -> None:
+        """Give the transport, with the rest of a started write, to the writer task (lock held).
 
-        A failed write leaves an unknown part of a frame on the wire, so the
-        framing is lost: the session cannot go on (DESIGN.md 5.7).
+        The holder's deadline passed or it was interrupted (``gevent.Timeout``,
+        ``kill()``, ``KeyboardInterrupt``): the writer finishes the frame, so the
+        framing survives and the caller can leave at once.
+        """
+        self._unfinished = parts
+        self._writer_cond.notify()
+
+    def _write(self, parts: list[Any], deadline: float | None) -> int:
+        """Write whole frames (transport held, lock not held): _WRITTEN, _DEFERRED or _FAILED.
+
+        _DEFERRED: the deadline passed first, or this transport cannot bound a
+        write (TLS), so the writer task now holds the transport and finishes the
+        frames. _FAILED: the transport failed and the session is ending.
         """
         try:
-            sendmsg = self._sendmsg
-            if sendmsg is not None:
-                try:
-                    sent = sendmsg(parts)
-                except NotImplementedError:  # TLS sockets, gevent's included
-                    self._sendmsg = sendmsg = None
-            if sendmsg is None:
-                self._sock.sendall(b"".join(parts))
-                return True
-            total = sum(len(p) for p in parts)
-            while sent < total:
-                total -= sent
-                while sent >= len(parts[0]):
-                    sent -= len(parts.pop(0))
-                parts[0] = memoryview(parts[0])[sent:]
-                sent = sendmsg(parts)
-            return True
+            if deadline is not None and self._wait_writable is None:
+                raise _Expired
+            self._transmit(parts, deadline)
+            return _WRITTEN
+        except _Expired:
+            with self._lock:
+                self._hand_to_writer(parts)
+            return _DEFERRED
         except OSError as exc:
-            self._abort(SessionClosedError(errno.EPIPE, f"transport write failed: {exc}"))
-            return False
+            self._fail_write(f"transport write failed: {exc}")
+            return _FAILED
         except BaseException:
-            self._abort(SessionClosedError(errno.EPIPE, "a transport write was interrupted"))
+            if self._sendmsg is None and self._send is None:
+                # Interrupted inside sendall: how much went out is unknown, so
+                # the framing is lost and the session cannot go on.
+                self._fail_write("a transport write was interrupted")
+            else:
+                with self._lock:
+                    self._hand_to_writer(parts)
             raise
 
+    def _fail_write(self, why: str) -> None:
+        """End the session after a failed write and give up the transport (lock not held)."""
+        self._abort(SessionClosedError(errno.EPIPE, why))
+        with self._lock:
+            self._tx_busy = False
+            self._notify_idle()
+
+    def _transmit(self, parts: list[Any], deadline: float | None) -> None:
+        """Put ``parts`` on the wire (transport held, lock not held).
+
+        ``parts`` shrinks as bytes go out: after an exception it holds exactly
+        what is left, so another task can finish the frames. With a deadline,
+        writes do not block and ``_Expired`` is raised once it passes.
+        """
+        while parts:
+            count = self._send_some(parts, deadline is not None)
+            if count == 0 and deadline is not None:
+                assert self._wait_writable is not None
+                remaining = deadline - self._runtime.monotonic()
+                if remaining <= 0 or not self._wait_writable(remaining):
+                    raise _Expired
+                continue
+            while parts and count >= len(parts[0]):
+                count -= len(parts.pop(0))
+            if count:
+                parts[0] = memoryview(parts[0])[count:]
+
+    def _send_some(self, parts: list[Any], nowait: bool) -> int:
+        """One write call; how many bytes of ``parts`` went out (0: would block)."""
+        sendmsg = self._sendmsg
+        if sendmsg is not None:
+            try:
+                if not nowait:
+                    return int(sendmsg(parts))
+                try:
+                    return int(sendmsg(parts, (), socket.MSG_DONTWAIT))
+                except BlockingIOError:
+                    return 0
+            except NotImplementedError:  # TLS sockets, gevent's included
+                self._sendmsg = None
+                self._wait_writable = None
+        if len(parts) > 1:
+            parts[:] = [b"".join(parts)]
+        if self._send is not None:
+            return int(self._send(parts[0]))
+        self._sock.sendall(parts[0])  # a minimal transport: all or an error
+        return len(parts[0])
+
     def _write_loop(self) -> None:
-        """Write control frames while the transport is idle; run keepalive."""
+        try:
+            self._write_control()
+        except BaseException as exc:  # a bug, or the task was killed: never half alive
+            if not self._closed:
+                log.exception("pysmux: writer task failed")
+                self._abort(SessionClosedError(errno.EIO, f"writer task failed: {exc!r}"))
+            if not isinstance(exc, Exception):
+                raise
+        finally:
+            with self._lock:
+                if self._unfinished is not None:  # the session ended before it was written
+                    self._unfinished = None
+                    self._tx_busy = False
+                    self._notify_idle()
+
+    def _write_control(self) -> None:
+        """Write control frames while the transport is idle, finish handed-over
+        writes, run keepalive."""
         cfg = self._config
         rt = self._runtime
         interval = cfg.keepalive_interval
@@ -657,15 +763,28 @@ class Session:
                             self._nop_queued = True
                             self._queue_control(encode_header(self._version, CMD_NOP, 0, 0))
                     wait = min(next_ping, self._last_rx + cfg.keepalive_timeout) - now
-                if self._control and not self._tx_busy:
+                unfinished = self._unfinished
+                if unfinished is not None or (self._control and not self._tx_busy):
+                    self._unfinished = None
                     self._tx_busy = True
+                    # Bounded writes where the transport allows them: a peer that
+                    # stops reading must not stop the keepalive clock.
+                    deadline = None
+                    if self._wait_writable is not None:
+                        deadline = rt.monotonic() + _WRITER_SLICE
                     lock.release()
+                    holding = True
                     try:
-                        self._release_transport()
+                        if unfinished is None or self._write(unfinished, deadline) == _WRITTEN:
+                            self._release_transport(deadline)
+                        holding = False  # passed on, handed back to this task, or failed
                     finally:
                         lock.acquire()
+                        if holding:  # an exception: this task is about to end
+                            self._tx_busy = False
+                            self._notify_idle()
                     continue
-                self._writer_cond.wait(wait)
+                self._writer_cond.wait(bounded_wait(wait))
         finally:
             lock.release()
 
@@ -722,17 +841,17 @@ class Session:
         It reads at once when direct reads are off, or a task waits for frames
         without reading itself. Otherwise it lingers briefly after a stream
         reader was active: that reader will most likely read the next frame
-        itself, with no hand-off between threads (lock held).
+        itself, with no hand-off between threads. While a stream reader holds
+        the read turn it sleeps until that turn ends, so an idle session costs
+        no periodic wake-ups (lock held).
         """
         rt = self._runtime
-        limit = self._config.max_receive_buffer
         while not self._closed:
-            wait: float | None = _LINGER_SECONDS
-            if self._buffered >= limit or self._refusals_queued > _MAX_QUEUED_REFUSALS:
+            wait: float | None = None
+            if not self._may_read():
                 # Applications (unread data) or the transport (refusal FINs not
                 # yet written) lag behind: stop reading, memory stays bounded.
                 self._reader_paused = True
-                wait = None
             elif not self._reading:
                 self._reader_paused = False
                 idle = rt.monotonic() - self._reader_active
@@ -740,16 +859,34 @@ class Session:
                     self._reading = True
                     return True
                 wait = _LINGER_SECONDS - idle
+            else:
+                self._bg_parked = True  # woken when the stream reader's turn ends
             self._bg_waiting = True
             self._reader_cond.wait(wait)
-            self._bg_waiting = False
+            self._bg_waiting = self._bg_parked = False
         return False
+
+    def _may_read(self) -> bool:
+        """Whether anyone may read more frames now (lock held): the bounds on
+        unread data and on unwritten refusals hold for every reader.
+
+        Version 2 reads past the session budget while a local writer waits for
+        a window update: pausing then could deadlock (the UPD sits behind data
+        that the waiting writers would read after they wrote). Memory stays
+        bounded by the stream windows, which ``_on_psh`` enforces, and no new
+        stream is accepted while over the budget.
+        """
+        if self._refusals_queued > _MAX_QUEUED_REFUSALS:
+            return False
+        if self._buffered < self._config.max_receive_buffer:
+            return True
+        return self._version == 2 and self._window_waiters > 0
 
     def _end_read_turn(self) -> None:
         self._reading = False
         if self._closed:
             self._notify_idle()
-        elif self._followers and self._bg_waiting:
+        elif self._bg_waiting and (self._followers or self._bg_parked):
             self._reader_cond.notify_all()
 
     def _fill(self, deadline: float | None, lead: bool) -> None:
@@ -768,7 +905,9 @@ class Session:
             if deadline is None:
                 timeout_ms = -1
             else:
-                timeout_ms = max(0, math.ceil((deadline - self._runtime.monotonic()) * 1000))
+                wait = bounded_wait(deadline - self._runtime.monotonic())
+                assert wait is not None
+                timeout_ms = math.ceil(wait * 1000)
             events = self._poller.poll(timeout_ms)
             if not events:
                 return
@@ -813,7 +952,7 @@ class Session:
             self._direct_reads
             and not self._reading
             and stream._timeout != 0.0
-            and self._buffered < self._config.max_receive_buffer
+            and self._may_read()
         ):
             self._read_directly(stream, deadline)
             return
@@ -891,7 +1030,7 @@ class Session:
         """The accept queue is full: wait for room, then refuse (lock held).
 
         A burst of SYNs larger than the backlog is common (Go clients open many
-        streams at once) and a refused Go stream can hang (DESIGN.md 5.1), so
+        streams at once) and a refused Go stream can hang (docs/design.md 9.1), so
         the reader first gives the application time to accept.
         """
         rt = self._runtime
@@ -949,6 +1088,11 @@ class Session:
         if len(self._streams) >= cfg.max_streams:
             self._refuse(stream_id, "max_streams")
             return
+        if self._buffered >= cfg.max_receive_buffer and self._window_waiters:
+            # Reading past the budget for writers that wait for a UPD (version
+            # 2, see _may_read): a new stream could bring another whole window.
+            self._refuse(stream_id, "max_receive_buffer")
+            return
         if len(self._accept_queue) >= cfg.accept_backlog:
             if not self._refusing:
                 self._syn_stalled = True
@@ -996,10 +1140,26 @@ class Session:
             if stream is None and length < _CHEAP_PAYLOAD:
                 self._orphan(stream_id, "PSH for an unknown stream")
             return
+        if self._version == 2 and stream._recv_buffered + length > self._stream_limit:
+            raise ProtocolError(
+                errno.EPROTO,
+                f"peer overran the window of stream {stream_id}: "
+                f"{stream._recv_buffered + length} bytes unread, at most "
+                f"{self._stream_limit} allowed",
+            )
         chunks = stream._chunks
         if chunks is None:
             chunks = stream._chunks = deque()
-        chunks.append(bytes(payload))
+        if length >= _SMALL_PAYLOAD:
+            chunks.append(bytes(payload))
+        else:
+            # Small payloads share one growing buffer: a peer's 1-byte frames
+            # must cost about a byte each, not a Python object each.
+            tail = chunks[-1] if chunks else None
+            if type(tail) is bytearray and len(tail) < _COALESCE_LIMIT:
+                tail += payload
+            else:
+                chunks.append(bytearray(payload))
         stream._recv_buffered += length
         self._buffered += length
         if stream._waiting:

@@ -273,7 +273,7 @@ class _GreenWorker(Worker):
 
 
 class _GreenCondition:
-    """``threading.Condition`` for greenlets (gevent has none; notes/gevent.md 2.1)."""
+    """``threading.Condition`` for greenlets (gevent has none; docs/design.md 13)."""
 
     def __init__(self, semaphore: Any) -> None:
         self._semaphore = semaphore

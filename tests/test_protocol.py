@@ -1,4 +1,4 @@
-"""Bad and unusual input from the peer (DESIGN.md section 6).
+"""Bad and unusual input from the peer (docs/design.md section 8).
 
 A raw socketpair end plays the peer (a client, so its stream ids are odd) and
 writes hand-made frames to a pysmux server session. PE = protocol error: the

@@ -10,6 +10,7 @@ offer no blocking wait.
 
 from __future__ import annotations
 
+import argparse
 import contextlib
 import hashlib
 import logging
@@ -28,6 +29,7 @@ from typing import Any
 import pytest
 
 import pysmux
+from pysmux.cli import add_smux_options, config_from_args
 from pysmux.tunnel import EchoServer, TunnelClient, TunnelServer, format_address, parse_address
 from tests.runtimes import Harness, Worker, current
 from tests.util import unread_bytes
@@ -528,9 +530,9 @@ def test_close_is_prompt_without_linux_disconnect(
     """Where connect(AF_UNSPEC) cannot abort a TCP connection (not Linux), closing the tunnel
     still wakes connections blocked in either direction, including one whose TCP client
     stopped reading, and returns promptly."""
-    import pysmux.tunnel
+    import pysmux.tunnel.net
 
-    monkeypatch.setattr(pysmux.tunnel, "_disconnect", None)
+    monkeypatch.setattr(pysmux.tunnel.net, "_disconnect", None)
 
     def flood(conn: Any) -> None:
         block = payload(64 * 1024, 5)
@@ -911,3 +913,74 @@ def test_cli_usage_errors(runtime: str, cli: Callable[..., Cli]) -> None:
     p = cli("client", "--help")
     assert p.wait() == 0
     assert any("--conn" in line for line in p.out)
+
+
+@CHILD
+def test_cli_config_errors_name_the_flag(runtime: str, cli: Callable[..., Cli]) -> None:
+    """A flag value the session config refuses (a frame larger than smux can carry, a
+    keepalive timeout shorter than the interval, a stream window past 2**31-1) is reported
+    like any other bad flag, on every subcommand: the subcommand's usage, then the flag as
+    typed and what is wrong with it, status 2, and nothing listens."""
+    for args, message in [
+        (("server", "-t", "127.0.0.1:1", "--framesize", "70000"),
+         r"--framesize 70000: must be in 1\.\.65535"),
+        (("client", "-r", "127.0.0.1:1", "--keepalive", "60", "--keepalive-timeout", "30"),
+         r"--keepalive-timeout 30: must be >= --keepalive\b"),
+        (("echo", "-l", "127.0.0.1:0", "--smuxbuf", "4000000000", "--streambuf", "3000000000"),
+         r"--streambuf 3000000000: must be in 1\.\."),
+    ]:  # fmt: skip
+        p = cli(*args)
+        assert p.wait() == 2, p.describe()
+        assert p.out == [], p.describe()
+        assert p.err[0].startswith(f"usage: pysmux {args[0]} "), p.describe()
+        assert re.fullmatch(rf"pysmux {args[0]}: error: {message}.*", p.err[-1]), p.describe()
+
+
+@pytest.mark.runtime_independent(reason="parses flags in-process; no runtime involved")
+def test_smux_options_serve_any_subcommand(runtime: str) -> None:
+    """A subcommand defined anywhere gets the shared smux flags from ``add_smux_options`` and
+    its session config from ``config_from_args``: every flag lands in its ``Config`` field,
+    the defaults are Go's but for kcptun's 2 MiB stream window (capped by --smuxbuf), and
+    ``--keepalive 0`` turns keepalive off whatever --keepalive-timeout says."""
+    parser = argparse.ArgumentParser(prog="pysmux other", allow_abbrev=False)
+    add_smux_options(parser)
+    args = parser.parse_args(
+        ["--smuxver", "2", "--smuxbuf", "1048576", "--streambuf", "4194304", "--framesize",
+         "1024", "--keepalive", "2.5", "--runtime", "gevent", "-vv", "-q"]
+    )  # fmt: skip
+    assert config_from_args(args) == pysmux.Config(
+        version=2,
+        max_receive_buffer=1048576,
+        max_stream_buffer=1048576,
+        max_frame_size=1024,
+        keepalive_interval=2.5,
+        keepalive_timeout=30.0,
+    )
+    assert (args.runtime, args.verbose - args.quiet) == ("gevent", 1)
+    defaults = parser.parse_args([])
+    assert config_from_args(defaults) == pysmux.Config(max_stream_buffer=2 * MiB)
+    assert defaults.runtime == "thread"
+    assert config_from_args(parser.parse_args(["--keepalive", "40"])).keepalive_timeout == 120
+    off = config_from_args(parser.parse_args(["--keepalive", "0", "--keepalive-timeout", "5"]))
+    assert not off.keepalive
+    with pytest.raises(ValueError, match=r"^--framesize 65536: "):
+        config_from_args(parser.parse_args(["--framesize", "65536"]))
+
+
+@pytest.mark.runtime_independent(reason="checks arguments only; nothing starts")
+def test_waits_too_long_for_the_os_are_refused(runtime: str) -> None:
+    """A timeout or backoff too long for the OS's timers (past about 292 years a thread's
+    wait overflows, and the task waiting dies) is refused up front, by the library and by
+    the command's flags, instead of killing a task later."""
+    for kwargs in [{"connect_timeout": float("inf")}, {"connect_timeout": 1e10},
+                   {"backoff_max": 1e10}, {"connect_timeout": float("nan")}]:  # fmt: skip
+        with pytest.raises(ValueError, match=next(iter(kwargs))):
+            TunnelClient("127.0.0.1:0", "127.0.0.1:1", **kwargs)
+    with pytest.raises(ValueError, match="connect_timeout"):
+        TunnelServer("127.0.0.1:0", "127.0.0.1:1", connect_timeout=1e7)
+    parser = argparse.ArgumentParser(prog="pysmux other", allow_abbrev=False, exit_on_error=False)
+    add_smux_options(parser)
+    for flag in ("--keepalive", "--keepalive-timeout"):
+        with pytest.raises(argparse.ArgumentError, match="at most"):
+            parser.parse_args([flag, "1e10"])
+    assert config_from_args(parser.parse_args(["--keepalive", "1e6"])).keepalive_timeout == 3e6

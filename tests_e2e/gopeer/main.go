@@ -148,7 +148,7 @@ func readToEOF(r io.Reader) (int64, string, error) {
 
 // cleanEOF maps io.EOF to nil. Stream.WriteTo (used by io.Copy) returns
 // io.EOF at the peer's FIN, and Go 1.5.16 also returns io.EOF when the
-// transport ends without a FIN: Go cannot tell the two apart (DESIGN.md 5.4).
+// transport ends without a FIN: Go cannot tell the two apart (docs/design.md 9.4).
 func cleanEOF(err error) error {
 	if errors.Is(err, io.EOF) {
 		return nil
@@ -418,7 +418,7 @@ func clientEcho(st *smux.Stream) map[string]interface{} {
 }
 
 // readReply says hello (one byte, so the peer knows we registered the
-// stream: see DESIGN.md 5.1), reads until the peer's FIN, then writes -reply
+// stream: see docs/design.md 9.1), reads until the peer's FIN, then writes -reply
 // bytes after that EOF and closes.
 func readReply(st *smux.Stream) map[string]interface{} {
 	defer st.Close()

@@ -1,0 +1,247 @@
+"""The client side of the tunnel: TCP connections in, each carried as a stream.
+
+:class:`TunnelClient` keeps ``conn`` mux connections (links) to the server,
+each re-dialled with exponential backoff whenever it dies, and carries every
+TCP connection it accepts as one stream on the next live link, round-robin.
+"""
+
+from __future__ import annotations
+
+import functools
+import logging
+from typing import Any
+
+from ..config import Config
+from ..runtime import Runtime
+from ..session import Session
+from ..session import client as mux_client
+from ..stream import Stream
+from .net import Address, as_address, format_address, nodelay, reset_and_close
+from .service import Service, check_seconds
+
+__all__ = ["Link", "TunnelClient"]
+
+log = logging.getLogger("pysmux.tunnel")
+
+
+class Link:
+    """One of the client's mux connections, re-dialled whenever it dies."""
+
+    __slots__ = ("index", "session")
+
+    def __init__(self, index: int) -> None:
+        self.index = index
+        self.session: Session | None = None
+
+
+class TunnelClient(Service):
+    """Accept TCP connections on ``listen``; carry each as one stream to ``remote``.
+
+    ``conn`` mux connections are kept open to ``remote`` (kcptun's ``--conn``);
+    each new TCP connection goes to the next live one, round-robin. A mux
+    connection that fails to connect or dies is dialled again after a backoff
+    that doubles from ``backoff_initial`` up to ``backoff_max`` seconds (at
+    once after a loss, if it had lived that long). A TCP connection that
+    arrives while no mux connection is up waits up to ``connect_timeout``
+    seconds for one, then is reset.
+
+    ``listen`` and ``remote`` are ``"host:port"`` strings (``":port"`` listens
+    on 127.0.0.1) or ``(host, port)`` tuples. ``config`` must match the
+    server's (same version).
+    """
+
+    _default_host = "127.0.0.1"
+
+    def __init__(
+        self,
+        listen: str | Address,
+        remote: str | Address,
+        *,
+        conn: int = 1,
+        config: Config | None = None,
+        runtime: str | Runtime | None = None,
+        connect_timeout: float = 10.0,
+        backoff_initial: float = 0.05,
+        backoff_max: float = 5.0,
+        max_conns: int = 4096,
+        backlog: int = 128,
+    ) -> None:
+        super().__init__(
+            listen, config=config, runtime=runtime, max_conns=max_conns, backlog=backlog
+        )
+        self._connect_timeout = check_seconds("connect_timeout", connect_timeout)
+        self._remote = as_address(remote, "remote")
+        if not self._remote[0] or not self._remote[1]:
+            raise ValueError(f"remote={remote!r}: needs a host and a port")
+        if not (isinstance(conn, int) and conn > 0):
+            raise ValueError(f"conn={conn!r}: must be an int > 0")
+        self._backoff_max = check_seconds("backoff_max", backoff_max)
+        if not 0 < backoff_initial <= backoff_max:
+            raise ValueError(
+                f"backoff_initial={backoff_initial!r}, backoff_max={backoff_max!r}: "
+                "need 0 < backoff_initial <= backoff_max"
+            )
+        self._backoff_initial = float(backoff_initial)
+        self._links = [Link(i + 1) for i in range(conn)]
+        self._next_link = 0
+        self._dials = 0
+
+    @property
+    def remote(self) -> Address:
+        return self._remote
+
+    @property
+    def connected(self) -> int:
+        """Mux connections up now (0 to ``conn``)."""
+        with self._lock:
+            return self._live()
+
+    @property
+    def dials(self) -> int:
+        """Mux connections established so far (the first ones and every reconnect)."""
+        return self._dials
+
+    def wait_connected(self, count: int | None = None, timeout: float | None = None) -> bool:
+        """Wait until ``count`` (default: all ``conn``) mux connections are up.
+
+        True when they are; False on timeout or once closed.
+        """
+        want = len(self._links) if count is None else count
+        rt = self._rt
+        deadline = None if timeout is None else rt.monotonic() + timeout
+        with self._lock:
+            while not self._closed:
+                if self._live() >= want:
+                    return True
+                if deadline is None:
+                    self._cond.wait()
+                    continue
+                remaining = deadline - rt.monotonic()
+                if remaining <= 0:
+                    return False
+                self._cond.wait(remaining)
+            return False
+
+    def _live(self) -> int:
+        return sum(1 for ln in self._links if ln.session is not None and not ln.session.closed)
+
+    def _start_tasks(self) -> None:
+        for link in self._links:
+            self._spawn(functools.partial(self._maintain, link), f"pysmux-tunnel-link-{link.index}")
+
+    # -- mux connections -----------------------------------------------------------------
+
+    def _maintain(self, link: Link) -> None:
+        """Keep ``link`` connected until the tunnel closes."""
+        rt = self._rt
+        remote = format_address(self._remote)
+        backoff = self._backoff_initial
+        while not self._closed:
+            try:
+                sock = self._dial(self._remote, self._connect_timeout)
+            except OSError as exc:
+                if self._closed:
+                    return
+                log.warning(
+                    "mux connection %d: cannot connect to %s: %s (retrying in %.2f s)",
+                    link.index,
+                    remote,
+                    exc,
+                    backoff,
+                )
+                if self._pause(backoff):
+                    return
+                backoff = min(backoff * 2, self._backoff_max)
+                continue
+            session = mux_client(sock, config=self._config, runtime=rt)
+            token = self._track_session(session)
+            if token is None:
+                session.close()
+                return
+            with self._lock:
+                link.session = session
+                self._dials += 1
+                self._cond.notify_all()
+            log.info("mux connection %d to %s established", link.index, remote)
+            began = rt.monotonic()
+            self._until_dead(session)
+            with self._lock:
+                link.session = None
+            self._untrack_session(token)
+            session.close()
+            if self._closed:
+                return
+            log.warning("mux connection %d to %s lost: %s", link.index, remote, session.error)
+            if rt.monotonic() - began >= self._backoff_max:
+                backoff = self._backoff_initial  # it was healthy: dial again at once
+                continue
+            if self._pause(backoff):
+                return
+            backoff = min(backoff * 2, self._backoff_max)
+
+    @staticmethod
+    def _until_dead(session: Session) -> None:
+        """Block until ``session`` ends. A tunnel server never opens streams: refuse them."""
+        while True:
+            try:
+                stream = session.accept_stream()
+            except OSError:
+                return
+            log.warning("the server opened stream %d; a tunnel does not carry those", stream.id)
+            stream.close()
+
+    def _open_stream(self) -> Stream | None:
+        """A new stream on the next live mux connection; None if none comes up in time."""
+        rt = self._rt
+        links = self._links
+        deadline = rt.monotonic() + self._connect_timeout
+        with self._lock:
+            while not self._closed:
+                for k in range(len(links)):
+                    i = (self._next_link + k) % len(links)
+                    session = links[i].session
+                    if session is None or session.closed:
+                        continue
+                    try:
+                        stream = session.open_stream()  # takes the session lock briefly only
+                    except OSError:
+                        continue  # it has just died (or has no ids left)
+                    self._next_link = (i + 1) % len(links)
+                    return stream
+                remaining = deadline - rt.monotonic()
+                if remaining <= 0:
+                    return None
+                self._cond.wait(remaining)
+            return None
+
+    # -- TCP connections -----------------------------------------------------------------
+
+    def _accepted(self, sock: Any, peer: Any) -> None:
+        where = format_address(peer)
+        if not self._reserve_conn():
+            log.warning("connection from %s refused: max_conns=%d reached", where, self._max_conns)
+            reset_and_close(sock)
+            return
+        nodelay(sock)
+        serve = functools.partial(self._serve_conn, sock, where)
+        if not self._spawn(serve, f"pysmux-tunnel-conn-{where}"):
+            self._release_conn()
+            reset_and_close(sock)
+
+    def _serve_conn(self, sock: Any, where: str) -> None:
+        try:
+            stream = self._open_stream()  # close() wakes it
+            if stream is None:
+                if not self._closed:
+                    log.warning(
+                        "connection from %s reset: no mux connection to %s within %s s",
+                        where,
+                        format_address(self._remote),
+                        self._connect_timeout,
+                    )
+                reset_and_close(sock)
+                return
+            log.debug("connection from %s: stream %d", where, stream.id)
+            self._carry(sock, stream, f"conn {where}/{stream.id}")
+        finally:
+            self._release_conn()
