@@ -16,7 +16,7 @@ import functools
 import itertools
 import logging
 import socket
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from typing import Any, TypeVar
 
 from ..config import Config
@@ -34,6 +34,7 @@ from .net import (
     shutdown_quietly,
 )
 from .pipe import Pipe
+from .security import Allow, Network
 
 __all__ = ["MAX_SECONDS", "Service", "check_seconds"]
 
@@ -74,6 +75,7 @@ class Service:
         runtime: str | Runtime | None,
         max_conns: int,
         backlog: int,
+        allow: Iterable[str | Network] | None = None,
     ) -> None:
         self._listen_addr = as_address(listen, "listen", self._default_host)
         if config is None:
@@ -87,6 +89,7 @@ class Service:
             raise ValueError(f"backlog={backlog!r}: must be an int > 0")
         self._max_conns = max_conns
         self._backlog = backlog
+        self._allow = None if allow is None else Allow(allow)
         self._rt = rt = get_runtime(runtime)
         self._net = Net(rt)
         self._lock = rt.lock()
@@ -333,6 +336,10 @@ class Service:
                         return
                 continue
             sock.settimeout(None)
+            if self._allow is not None and not self._allow.admits(peer):
+                log.warning("connection from %s refused: address not allowed", format_address(peer))
+                reset_and_close(sock)
+                continue
             try:
                 self._accepted(sock, peer)
             except Exception:  # a bug; one connection must not end the accept loop
