@@ -2,15 +2,16 @@
 
 ::
 
-    pysmux server -l 0.0.0.0:4000 -t 127.0.0.1:8080   # mux connections in, each stream to -t
-    pysmux client -l 127.0.0.1:9000 -r server:4000     # TCP in, each connection a stream to -r
+    pysmux server -l 0.0.0.0:4000 -t 127.0.0.1:8080 --key-file KEY   # mux connections in,
+    pysmux client -l 127.0.0.1:9000 -r server:4000 --key-file KEY    # each stream to -t
     pysmux echo   -l 127.0.0.1:4000                    # mux connections in, every stream echoed
 
 ``python -m pysmux`` is the same program. The command prints one line,
 ``listening on HOST:PORT``, on stdout once it listens (the real port when
 port 0 was asked for), logs to stderr, and on SIGINT or SIGTERM closes its
 listener and sessions and exits with status 0. Status 1: it could not start
-(address in use, ...); 2: bad arguments. The work is done by
+(address in use, ...); 2: bad arguments, or a listener beyond loopback that
+would let anyone in (see :mod:`pysmux.cli_security`). The work is done by
 :mod:`pysmux.tunnel`; this module only parses flags and waits for a signal.
 """
 
@@ -28,6 +29,13 @@ from types import FrameType
 from typing import Any, NamedTuple
 
 from . import __version__
+from .cli_security import (
+    CLIENT,
+    SERVER,
+    add_security_options,
+    describe_security,
+    security_from_args,
+)
 from .config import Config
 from .tunnel import EchoServer, TunnelClient, TunnelServer, format_address, parse_address
 from .tunnel.service import MAX_SECONDS
@@ -271,6 +279,7 @@ def _build_parsers() -> tuple[argparse.ArgumentParser, dict[str, argparse.Argume
     _add_address(srv, _LISTEN, "where mux connections come in", "0.0.0.0:29900")
     _add_address(srv, ("-t", "--target", "--targetaddr"), "where each stream goes, HOST:PORT", None)
     _add_tunnel_options(srv, "for connecting to the target")
+    add_security_options(srv, SERVER)
 
     cli = _command(sub, "client", "Accept TCP connections; carry each as a stream to a server.")
     _add_address(cli, _LISTEN, "where TCP connections come in", "127.0.0.1:12948")
@@ -288,14 +297,18 @@ def _build_parsers() -> tuple[argparse.ArgumentParser, dict[str, argparse.Argume
         cli,
         "for dialling the server, and how long a new TCP connection waits for a mux connection",
     )
+    add_security_options(cli, CLIENT)
 
     echo = _command(sub, "echo", "Accept mux connections; echo every stream (for trying clients).")
     _add_address(echo, _LISTEN, "where mux connections come in", "127.0.0.1:29900")
     _add_tunnel_options(echo, None)
+    add_security_options(echo, SERVER)
     return parser, dict(sub.choices)
 
 
-def _service(args: argparse.Namespace, config: Config) -> TunnelServer | TunnelClient | EchoServer:
+def _service(
+    args: argparse.Namespace, config: Config, security: dict[str, Any]
+) -> TunnelServer | TunnelClient | EchoServer:
     if args.command == "server":
         return TunnelServer(
             args.listen,
@@ -304,6 +317,7 @@ def _service(args: argparse.Namespace, config: Config) -> TunnelServer | TunnelC
             runtime=args.runtime,
             connect_timeout=args.connect_timeout,
             max_conns=args.max_conns,
+            **security,
         )
     if args.command == "client":
         return TunnelClient(
@@ -314,8 +328,11 @@ def _service(args: argparse.Namespace, config: Config) -> TunnelServer | TunnelC
             runtime=args.runtime,
             connect_timeout=args.connect_timeout,
             max_conns=args.max_conns,
+            **security,
         )
-    return EchoServer(args.listen, config=config, runtime=args.runtime, max_conns=args.max_conns)
+    return EchoServer(
+        args.listen, config=config, runtime=args.runtime, max_conns=args.max_conns, **security
+    )
 
 
 class _StopSignal:
@@ -395,7 +412,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         except ImportError:
             command.error("--runtime gevent needs gevent: pip install 'pysmux[gevent]'")
     try:
-        service = _service(args, config)
+        security = security_from_args(args, CLIENT if args.command == "client" else SERVER)
+        service = _service(args, config, security)
     except ValueError as exc:
         command.error(str(exc))
     stop = _StopSignal(args.runtime)  # before listening: a signal from now on is graceful
@@ -406,6 +424,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             log.error("cannot listen on %s: %s", args.listen, exc)
             return 1
         print(f"listening on {format_address(service.address)}", flush=True)
+        log.info("mux connections: %s", describe_security(security))
         if isinstance(service, TunnelClient):
             log.info(
                 "carrying connections to %s over %d mux connection(s), smux v%d",
