@@ -235,7 +235,13 @@ class TunnelClient(Service):
             session.close()
             if self._closed:
                 return
-            log.warning("mux connection %d to %s lost: %s", link.index, remote, session.error)
+            log.warning(
+                "mux connection %d to %s lost: %s%s",
+                link.index,
+                remote,
+                session.error,
+                self._guard.hint_for(session.error),
+            )
             if rt.monotonic() - began >= self._backoff_max:
                 backoff = self._backoff_initial  # it was healthy: dial again at once
                 continue

@@ -56,6 +56,17 @@ class HandshakeError(SmuxError):
     """A mux connection failed TLS or the key handshake; the message says why."""
 
 
+#: What an OpenSSL failure reason means, where it is not plain.
+_TLS_HINTS = {
+    "TLSV1_ALERT_UNKNOWN_CA": "the peer does not trust our certificate's CA",
+    "SSLV3_ALERT_BAD_CERTIFICATE": "the peer refused our certificate",
+    "TLSV13_ALERT_CERTIFICATE_REQUIRED": "the server requires a client certificate",
+    "PEER_DID_NOT_RETURN_A_CERTIFICATE": "the client sent no certificate",
+    "WRONG_VERSION_NUMBER": "the peer does not speak TLS",
+    "HTTP_REQUEST": "the peer does not speak TLS",
+}
+
+
 class _PeerClosed(HandshakeError):
     """The peer closed the connection in the middle of the handshake."""
 
@@ -107,6 +118,13 @@ class Guard:
         parts = ["tls" if self.tls else "tcp", "key" if self.key else "no key"]
         return f"<Guard {', '.join(parts)} {self.timeout:g}s>"
 
+    def hint_for(self, error: BaseException | None) -> str:
+        """What a session error means for a client without a key: its session read the
+        server's key challenge as a frame (version ``MAGIC[0]``, "P"). Else empty."""
+        if self.key is None and f"version {MAGIC[0]} frame" in str(error):
+            return " (the server asks for a key: give it the same key)"
+        return ""
+
     # -- the two sides -----------------------------------------------------------------
 
     def server_side(self, sock: Any, on_transport: Callable[[Any], None]) -> Any:
@@ -146,10 +164,14 @@ class Guard:
             tls.do_handshake()
         except ssl.SSLCertVerificationError as exc:
             tls.close()
-            raise HandshakeError(f"TLS: {exc.verify_message or exc.reason or exc}") from None
+            whose = "the client's" if server_side else "the server's"
+            why = exc.verify_message or exc.reason or exc
+            raise HandshakeError(f"TLS: certificate verify failed: {whose}: {why}") from None
         except ssl.SSLError as exc:
             tls.close()
-            raise HandshakeError(f"TLS: {exc.reason or exc}") from None
+            reason = exc.reason or str(exc)
+            hint = _TLS_HINTS.get(reason)
+            raise HandshakeError(f"TLS: {hint} ({reason})" if hint else f"TLS: {reason}") from None
         except TimeoutError:
             tls.close()
             raise HandshakeError(f"TLS handshake not done within {self.timeout:g} s") from None
@@ -163,7 +185,12 @@ class Guard:
     def _key_server(self, sock: Any, key: SharedKey, deadline: float) -> None:
         server_nonce = secrets.token_bytes(NONCE_SIZE)
         self._send(sock, MAGIC + bytes([VERSION]) + server_nonce, deadline)
-        proof = self._recv(sock, PROOF_SIZE, deadline, "the client's key proof")
+        try:
+            proof = self._recv(sock, PROOF_SIZE, deadline, "the client's key proof")
+        except _PeerClosed:
+            raise HandshakeError(
+                "the client closed the connection without a key proof (has it no key?)"
+            ) from None
         if proof[: len(MAGIC)] != MAGIC:
             raise HandshakeError("no key proof: not a pysmux client, or one without a key")
         if proof[len(MAGIC)] != VERSION:
