@@ -279,7 +279,7 @@ def _build_parsers() -> tuple[argparse.ArgumentParser, dict[str, argparse.Argume
     _add_address(srv, _LISTEN, "where mux connections come in", "0.0.0.0:29900")
     _add_address(srv, ("-t", "--target", "--targetaddr"), "where each stream goes, HOST:PORT", None)
     _add_tunnel_options(srv, "for connecting to the target")
-    add_security_options(srv, SERVER)
+    add_security_options(srv, SERVER, _positive_seconds)
 
     cli = _command(sub, "client", "Accept TCP connections; carry each as a stream to a server.")
     _add_address(cli, _LISTEN, "where TCP connections come in", "127.0.0.1:12948")
@@ -297,12 +297,12 @@ def _build_parsers() -> tuple[argparse.ArgumentParser, dict[str, argparse.Argume
         cli,
         "for dialling the server, and how long a new TCP connection waits for a mux connection",
     )
-    add_security_options(cli, CLIENT)
+    add_security_options(cli, CLIENT, _positive_seconds)
 
     echo = _command(sub, "echo", "Accept mux connections; echo every stream (for trying clients).")
     _add_address(echo, _LISTEN, "where mux connections come in", "127.0.0.1:29900")
     _add_tunnel_options(echo, None)
-    add_security_options(echo, SERVER)
+    add_security_options(echo, SERVER, _positive_seconds)
     return parser, dict(sub.choices)
 
 

@@ -15,11 +15,11 @@ import argparse
 import ipaddress
 import os
 import ssl
+from collections.abc import Callable
 from typing import Any
 
 from .tunnel import SharedKey, client_tls_context, parse_address, server_tls_context
 from .tunnel.security import KEY_ENV, is_loopback
-from .tunnel.service import MAX_SECONDS
 
 __all__ = ["add_security_options", "describe_security", "security_from_args"]
 
@@ -37,19 +37,11 @@ def _network(text: str) -> str:
     return text
 
 
-def _handshake_seconds(text: str) -> float:
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not a number of seconds") from None
-    if not 0 < value <= MAX_SECONDS:
-        raise argparse.ArgumentTypeError(f"{text} must be > 0 and at most {MAX_SECONDS:g}")
-    return value
-
-
-def add_security_options(parser: argparse.ArgumentParser, role: str) -> None:
+def add_security_options(
+    parser: argparse.ArgumentParser, role: str, seconds: Callable[[str], float]
+) -> None:
     """The ``security`` flags of a subcommand that accepts mux connections (``role``
-    ``"server"``) or dials them (``"client"``)."""
+    ``"server"``) or dials them (``"client"``); ``seconds`` parses a timeout flag."""
     group = parser.add_argument_group(
         "security",
         "TLS encrypts the mux connections; the key authenticates both ends (it does not "
@@ -107,7 +99,7 @@ def add_security_options(parser: argparse.ArgumentParser, role: str) -> None:
     )
     group.add_argument(
         "--handshake-timeout",
-        type=_handshake_seconds,
+        type=seconds,
         default=10.0,
         metavar="SECONDS",
         help="TLS and key handshakes must be done within this (default: 10)",

@@ -20,7 +20,7 @@ from ..session import client as mux_client
 from ..stream import Stream
 from .handshake import Guard
 from .net import Address, abort_tcp, as_address, format_address, nodelay, reset_and_close
-from .security import Network, SharedKey, check_tls_context, is_loopback
+from .security import Network, SharedKey, is_loopback
 from .service import Service, check_seconds
 
 __all__ = ["Link", "TunnelClient"]
@@ -97,12 +97,7 @@ class TunnelClient(Service):
             backlog=backlog,
             allow=allow,
         )
-        self._guard = Guard(
-            self._rt,
-            None if tls is None else check_tls_context(tls, server_side=False),
-            SharedKey.coerce(key),
-            check_seconds("handshake_timeout", handshake_timeout),
-        )
+        self._guard = Guard.build(self._rt, tls, key, handshake_timeout, server_side=False)
         self._connect_timeout = check_seconds("connect_timeout", connect_timeout)
         self._remote = as_address(remote, "remote")
         if not self._remote[0] or not self._remote[1]:
@@ -186,28 +181,12 @@ class TunnelClient(Service):
         backoff = self._backoff_initial
         while not self._closed:
             try:
-                sock = self._dial(self._remote, self._connect_timeout)
+                transport = self._secure(self._dial(self._remote, self._connect_timeout))
             except OSError as exc:
                 if self._closed:
                     return
                 log.warning(
                     "mux connection %d: cannot connect to %s: %s (retrying in %.2f s)",
-                    link.index,
-                    remote,
-                    exc,
-                    backoff,
-                )
-                if self._pause(backoff):
-                    return
-                backoff = min(backoff * 2, self._backoff_max)
-                continue
-            try:
-                transport = self._secure(sock)
-            except OSError as exc:
-                if self._closed:
-                    return
-                log.warning(
-                    "mux connection %d to %s refused: %s (retrying in %.2f s)",
                     link.index,
                     remote,
                     exc,

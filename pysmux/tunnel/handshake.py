@@ -36,7 +36,8 @@ from typing import Any
 
 from ..errors import SmuxError
 from ..runtime import Runtime
-from .security import SharedKey, wrap_tls
+from .security import SharedKey, check_tls_context, wrap_tls
+from .service import check_seconds
 
 __all__ = ["Guard", "HandshakeError"]
 
@@ -64,6 +65,7 @@ _TLS_HINTS = {
     "PEER_DID_NOT_RETURN_A_CERTIFICATE": "the client sent no certificate",
     "WRONG_VERSION_NUMBER": "the peer does not speak TLS",
     "HTTP_REQUEST": "the peer does not speak TLS",
+    "UNEXPECTED_EOF_WHILE_READING": "the peer closed the connection (does it speak TLS?)",
 }
 
 
@@ -108,6 +110,23 @@ class Guard:
         self.tls = tls
         self.key = key
         self.timeout = timeout
+
+    @classmethod
+    def build(
+        cls,
+        rt: Runtime,
+        tls: ssl.SSLContext | None,
+        key: SharedKey | bytes | str | None,
+        timeout: float,
+        server_side: bool,
+    ) -> Guard:
+        """A guard of the arguments a tunnel class takes, each checked (``ValueError``)."""
+        return cls(
+            rt,
+            None if tls is None else check_tls_context(tls, server_side),
+            SharedKey.coerce(key),
+            check_seconds("handshake_timeout", timeout),
+        )
 
     @property
     def trivial(self) -> bool:

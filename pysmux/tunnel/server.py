@@ -24,7 +24,7 @@ from ..stream import Stream
 from .handshake import Guard
 from .net import Address, abort_tcp, as_address, format_address, reset_and_close
 from .pipe import chunks
-from .security import Network, SharedKey, check_tls_context, is_loopback
+from .security import Network, SharedKey, is_loopback
 from .service import Service, check_seconds
 
 
@@ -99,12 +99,7 @@ class MuxServer(Service):
             raise ValueError(f"max_handshakes={max_handshakes!r}: must be an int > 0")
         self._max_sessions = max_sessions
         self._max_handshakes = max_handshakes
-        self._guard = Guard(
-            self._rt,
-            None if tls is None else check_tls_context(tls, server_side=True),
-            SharedKey.coerce(key),
-            check_seconds("handshake_timeout", handshake_timeout),
-        )
+        self._guard = Guard.build(self._rt, tls, key, handshake_timeout, server_side=True)
         # Connections in their handshakes: abort callable and deadline, by token.
         self._handshakes: dict[int, tuple[float, Callable[[], None]]] = {}
         self._refused = 0
@@ -182,6 +177,10 @@ class MuxServer(Service):
     def _secure(self, holder: list[Any], token: int, where: str, deadline: float) -> None:
         """The handshakes of one connection (in its own task), then its session."""
         abort_token = self._track(functools.partial(_abort_holder, holder))
+        if abort_token is None:  # closed meanwhile
+            self._end_handshake(token)
+            reset_and_close(holder[0])
+            return
         try:
             transport = self._guard.server_side(holder[0], holder.append)
         except OSError as exc:
@@ -196,8 +195,7 @@ class MuxServer(Service):
             return
         finally:
             self._end_handshake(token)
-            if abort_token is not None:
-                self._untrack(abort_token)
+            self._untrack(abort_token)
         if self._closed:
             reset_and_close(transport)
             return
