@@ -561,14 +561,19 @@ def test_cli_refuses_an_open_relay_unless_told(
 
 @CHILD
 def test_cli_tls_and_key_across_processes(
-    runtime: str, cli: Callable[..., Cli], pki: Pki, target: Callable[..., TcpTarget],
+    runtime: str,
+    cli: Callable[..., Cli],
+    pki: Pki,
+    target: Callable[..., TcpTarget],
     tmp_path: Path,
-) -> None:  # fmt: skip
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
     """The command run as across a network: the server on a non-loopback listen with a
-    certificate, client CA and key file; the client with ``--tls-ca``, its certificate and
-    the key from ``PYSMUX_KEY``-less ``--key-file``. Data flows, nothing warns. A client with
-    the wrong ``--key`` is refused (both logs say so, neither shows the key) and never
-    reaches the target; an ``--tls-insecure`` client warns at start."""
+    certificate, a client CA and ``--key-file``; the client with ``--tls-ca``, its
+    certificate and the same key file. Data flows, nothing warns. A client with the wrong
+    ``--key`` is refused (both logs say so, no log shows the key) and never reaches the
+    target; a ``--tls-insecure`` client with the key in ``PYSMUX_KEY`` warns at start and
+    gets in."""
     echo = target()
     keyfile = tmp_path / "key"
     keyfile.write_text(KEY + "\n")
@@ -597,9 +602,9 @@ def test_cli_tls_and_key_across_processes(
     finally:
         sock.close()
     assert len(echo.conns) == 2
-    insecure = cli("client", "-l", "127.0.0.1:0", "-r", remote, "--tls-insecure",
-                   "--tls-cert", str(pki.client_cert), "--tls-key", str(pki.client_key),
-                   "--key-file", str(keyfile))  # fmt: skip
+    monkeypatch.setenv("PYSMUX_KEY", KEY)  # this child takes the key from its environment
+    mine = ("--tls-cert", str(pki.client_cert), "--tls-key", str(pki.client_key))
+    insecure = cli("client", "-l", "127.0.0.1:0", "-r", remote, "--tls-insecure", *mine)
     insecure.wait_lines(r"WARNING .*without verifying the server's certificate", stderr=True)
     echo_many(insecure.address(), count=1, size=64 * 1024)
     good.assert_clean_exit()
