@@ -8,24 +8,24 @@
 
 ``python -m pysmux`` is the same program. The command prints one line,
 ``listening on HOST:PORT``, on stdout once it listens (the real port when
-port 0 was asked for), logs to stderr, and on SIGINT or SIGTERM closes its
-listener and sessions and exits with status 0. Status 1: it could not start
+port 0 was asked for), and ``metrics on HOST:PORT`` with ``--metrics``; it
+logs to stderr. On SIGTERM or SIGINT it stops taking connections, lets those
+in flight finish (``--drain-timeout``), then exits with status 0; a second
+signal exits at once. SIGUSR1 logs its figures. Status 1: it could not start
 (address in use, ...); 2: bad arguments, or a listener beyond loopback that
 would let anyone in (see :mod:`pysmux.cli_security`). The work is done by
-:mod:`pysmux.tunnel`; this module only parses flags and waits for a signal.
+:mod:`pysmux.tunnel`, the process side by :mod:`pysmux.runner`; this module
+parses flags.
 """
 
 from __future__ import annotations
 
 import argparse
+import functools
 import logging
-import os
 import re
-import signal
 import sys
-import threading
 from collections.abc import Callable, Sequence
-from types import FrameType
 from typing import Any, NamedTuple
 
 from . import __version__
@@ -37,14 +37,21 @@ from .cli_security import (
     security_from_args,
 )
 from .config import Config
-from .tunnel import EchoServer, TunnelClient, TunnelServer, format_address, parse_address
-from .tunnel.service import MAX_SECONDS
+from .metrics import MetricsServer
+from .runner import ProcessSignals, StatsLog, log_stats
+from .tunnel import (
+    EchoServer,
+    TunnelClient,
+    TunnelServer,
+    configfile,
+    format_address,
+    parse_address,
+)
+from .tunnel.service import MAX_SECONDS, Service
 
 __all__ = ["add_smux_options", "build_parser", "config_from_args", "main"]
 
 log = logging.getLogger("pysmux.cli")
-
-_SIGNALS = (signal.SIGINT, signal.SIGTERM)
 
 
 def _address(text: str) -> str:
@@ -163,7 +170,11 @@ def add_smux_options(parser: argparse.ArgumentParser) -> None:
         "-q", "--quiet", action="count", default=0, help="log less (warnings and errors only)"
     )
     run.add_argument(
-        "-v", "--verbose", action="count", default=0, help="log more (every connection)"
+        "-v",
+        "--verbose",
+        action="count",
+        default=0,
+        help="log more: -v the figures every --stats-interval, -vv every connection",
     )
 
 
@@ -232,13 +243,36 @@ _LISTEN = ("-l", "--listen", "--localaddr")
 
 
 def _add_tunnel_options(parser: argparse.ArgumentParser, connect_timeout_help: str | None) -> None:
-    """The flags of the tunnel subcommands besides -l: --max-conns, --connect-timeout."""
+    """The flags of the tunnel subcommands besides -l: --max-conns, --connect-timeout,
+    and those of running in production (--metrics, --stats-interval, --drain-timeout)."""
     parser.add_argument(
         "--max-conns",
         type=_positive_int,
         default=4096,
         metavar="N",
         help="connections carried at once; more are refused (default: %(default)s)",
+    )
+    ops = parser.add_argument_group("production")
+    ops.add_argument(
+        "--metrics",
+        type=_address,
+        metavar="ADDR",
+        help="serve Prometheus metrics at http://ADDR/metrics (':PORT' is 127.0.0.1)",
+    )
+    ops.add_argument(
+        "--stats-interval",
+        type=_positive_seconds,
+        default=60.0,
+        metavar="SECONDS",
+        help="with -v, log the figures this often (default: 60); SIGUSR1 logs them at once",
+    )
+    ops.add_argument(
+        "--drain-timeout",
+        type=_seconds,
+        default=30.0,
+        metavar="SECONDS",
+        help="on SIGTERM or SIGINT, let connections finish this long, then reset them "
+        "(default: 30)",
     )
     if connect_timeout_help is not None:
         parser.add_argument(
@@ -257,6 +291,12 @@ def _command(sub: Any, name: str, description: str) -> argparse.ArgumentParser:
         name, allow_abbrev=False, help=description, description=description
     )
     add_smux_options(parser)
+    parser.add_argument(
+        "-c",
+        "--config",
+        metavar="FILE",
+        help="a kcptun-style JSON config; flags given here override it",
+    )
     return parser
 
 
@@ -291,7 +331,24 @@ def _build_parsers() -> tuple[argparse.ArgumentParser, dict[str, argparse.Argume
         type=_positive_int,
         default=1,
         metavar="N",
-        help="parallel mux connections; streams are spread round-robin (default: 1)",
+        help="parallel mux connections; each new connection goes to the one carrying the "
+        "fewest (default: 1)",
+    )
+    cli.add_argument(
+        "--autoexpire",
+        type=_seconds,
+        default=0.0,
+        metavar="SECONDS",
+        help="renew a mux connection this old: new connections go to a fresh one, old ones "
+        "finish (default: 0, never)",
+    )
+    cli.add_argument(
+        "--scavengettl",
+        type=_positive_seconds,
+        default=600.0,
+        metavar="SECONDS",
+        help="how long a renewed mux connection may keep its connections before it is "
+        "closed (default: 600)",
     )
     _add_tunnel_options(
         cli,
@@ -328,6 +385,8 @@ def _service(
             runtime=args.runtime,
             connect_timeout=args.connect_timeout,
             max_conns=args.max_conns,
+            autoexpire=args.autoexpire or None,
+            scavenge_ttl=args.scavengettl,
             **security,
         )
     return EchoServer(
@@ -335,73 +394,55 @@ def _service(
     )
 
 
-class _StopSignal:
-    """Waits for SIGINT or SIGTERM; a second one ends the process at once (status 1).
+class _FlagNames(logging.Filter):
+    """Log messages name the flags a user typed: ``Config.version`` is ``--smuxver``."""
 
-    Threads: ``signal.signal`` handlers and a ``threading.Event``. gevent: the
-    handlers must run in the hub (``gevent.signal_handler``) and the wait must
-    let greenlets run.
-    """
-
-    def __init__(self, runtime: str) -> None:
-        self._count = 0
-        self._restore: list[Any] = []
-        self._event: Any
-        if runtime == "gevent":
-            import gevent
-            import gevent.event
-
-            self._event = gevent.event.Event()
-            for sig in _SIGNALS:
-                self._restore.append(gevent.signal_handler(sig, self._fire, sig))
-        else:
-            self._event = threading.Event()
-            for sig in _SIGNALS:
-                previous = signal.signal(sig, self._on_signal)
-                self._restore.append((sig, previous))
-
-    def _on_signal(self, signum: int, frame: FrameType | None) -> None:
-        self._fire(signum)
-
-    def _fire(self, signum: int) -> None:
-        self._count += 1
-        if self._count > 1:
-            os.write(2, b"pysmux: second signal, exiting at once\n")
-            os._exit(1)
-        log.info("%s: shutting down", signal.Signals(signum).name)
-        self._event.set()
-
-    def wait(self) -> None:
-        # A timeout keeps gevent's loop alive (its signal watchers do not) and
-        # lets the thread runtime's main thread run the Python signal handler.
-        while not self._event.wait(3600):
-            pass
-
-    def restore(self) -> None:
-        for item in self._restore:
-            if isinstance(item, tuple):
-                signal.signal(*item)
-            else:
-                item.cancel()
-        self._restore.clear()
+    def filter(self, record: logging.LogRecord) -> bool:
+        message = record.getMessage()
+        if "Config." in message:
+            record.msg = re.sub(
+                r"\bConfig\.(\w+)",
+                lambda m: _FLAG_OF_FIELD.get(m.group(1), m.group(0)),
+                message,
+            )
+            record.args = ()
+        return True
 
 
 def _setup_logging(args: argparse.Namespace) -> None:
-    level = logging.INFO + 10 * (args.quiet - args.verbose)
+    # -v adds the periodic stats line; every connection is logged from -vv on.
+    level = logging.INFO + 10 * (args.quiet - max(0, args.verbose - 1))
     level = max(logging.DEBUG, min(logging.CRITICAL, level))
     logging.basicConfig(
         level=level,
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
         stream=sys.stderr,
     )
+    for handler in logging.getLogger().handlers:
+        handler.addFilter(_FlagNames())
+
+
+def _start(service: Service, announce: str, where: str) -> bool:
+    """Start ``service`` and print ``ANNOUNCE on HOST:PORT``; False (logged) if it cannot listen."""
+    try:
+        service.start()
+    except OSError as exc:
+        log.error("cannot listen on %s: %s", where, exc)
+        return False
+    print(f"{announce} on {format_address(service.address)}", flush=True)
+    return True
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Run the ``pysmux`` command; returns the exit status."""
     parser, commands = _build_parsers()
+    argv = list(sys.argv[1:] if argv is None else argv)
+    notes = configfile.apply_argv(argv, commands)
     args = parser.parse_args(argv)
     command = commands[args.command]  # its usage goes with every error below
     _setup_logging(args)
+    for note in notes:
+        log.warning("%s", note)
     try:
         config = config_from_args(args)
     except ValueError as exc:
@@ -416,15 +457,20 @@ def main(argv: Sequence[str] | None = None) -> int:
         service = _service(args, config, security)
     except ValueError as exc:
         command.error(str(exc))
-    stop = _StopSignal(args.runtime)  # before listening: a signal from now on is graceful
+    # Before listening: a signal from now on is graceful.
+    signals = ProcessSignals(args.runtime, functools.partial(log_stats, service.stats))
+    metrics: MetricsServer | None = None
+    stats_log: StatsLog | None = None
     try:
-        try:
-            service.start()
-        except OSError as exc:
-            log.error("cannot listen on %s: %s", args.listen, exc)
+        if not _start(service, "listening", args.listen):
             return 1
-        print(f"listening on {format_address(service.address)}", flush=True)
         log.info("mux connections: %s", describe_security(security))
+        if args.metrics is not None:
+            metrics = MetricsServer(args.metrics, service.stats, args.command, runtime=args.runtime)
+            if not _start(metrics, "metrics", args.metrics):
+                return 1
+        if args.verbose:
+            stats_log = StatsLog(service.stats, args.stats_interval, args.runtime)
         if isinstance(service, TunnelClient):
             log.info(
                 "carrying connections to %s over %d mux connection(s), smux v%d",
@@ -434,11 +480,17 @@ def main(argv: Sequence[str] | None = None) -> int:
             )
         elif isinstance(service, TunnelServer):
             log.info("forwarding streams to %s, smux v%d", args.target, config.version)
-        stop.wait()
+        signals.wait()
+        if not service.drain(args.drain_timeout):
+            log.warning("drain timeout (%g s): connections were reset", args.drain_timeout)
     except KeyboardInterrupt:  # a SIGINT before the handler was in place
         pass
     finally:
         service.close()
-        stop.restore()
+        if stats_log is not None:
+            stats_log.close()
+        if metrics is not None:
+            metrics.close()
+        signals.restore()
     log.info("stopped")
     return 0

@@ -114,8 +114,9 @@ def security_from_args(args: argparse.Namespace, role: str) -> dict[str, Any]:
     """
     key = _key(args)
     kwargs: dict[str, Any] = {"handshake_timeout": args.handshake_timeout, "key": key}
-    if args.allow:
-        kwargs["allow"] = args.allow
+    allow = args.allow or getattr(args, "config_allow", None)  # --allow replaces -c's list
+    if allow:
+        kwargs["allow"] = allow
     if args.tls_key and not args.tls_cert:
         raise ValueError("--tls-key needs --tls-cert")
     if args.tls_cert and not args.tls_key:
@@ -129,7 +130,7 @@ def security_from_args(args: argparse.Namespace, role: str) -> dict[str, Any]:
                 kwargs["server_hostname"] = args.tls_server_name
     except OSError as exc:  # ssl.SSLError included: a file that is not PEM, a key that does not fit
         raise ValueError(f"TLS files: {exc}") from None
-    _check_open(args, role, key is not None or bool(getattr(args, "tls_client_ca", None)))
+    _check_open(args, role, key is not None or bool(getattr(args, "tls_client_ca", None)), allow)
     return kwargs
 
 
@@ -150,15 +151,19 @@ def describe_security(kwargs: dict[str, Any]) -> str:
 
 
 def _key(args: argparse.Namespace) -> SharedKey | None:
+    """The key of --key or --key-file, else of PYSMUX_KEY, else of the -c file's ``key``."""
     if args.key is not None and args.key_file is not None:
         raise ValueError("--key and --key-file: give one")
+    env = os.environ.get(KEY_ENV)
     try:
         if args.key is not None:
             return SharedKey(args.key)
         if args.key_file is not None:
             return SharedKey.from_file(args.key_file)
-        env = os.environ.get(KEY_ENV)
-        return None if env is None else SharedKey(env)
+        if env is not None:
+            return SharedKey(env)
+        from_file = getattr(args, "config_key", None)  # checked when the file was read
+        return None if from_file is None else SharedKey(from_file)
     except OSError as exc:
         raise ValueError(f"--key-file: {exc}") from None
     except ValueError as exc:  # an empty key; the message never holds the key
@@ -185,7 +190,9 @@ def _client_tls(args: argparse.Namespace) -> Any:
     )
 
 
-def _check_open(args: argparse.Namespace, role: str, authenticated: bool) -> None:
+def _check_open(
+    args: argparse.Namespace, role: str, authenticated: bool, allow: list[str] | None
+) -> None:
     """A listener beyond loopback must say who may use it, or ``--no-auth`` that anyone may."""
     host = parse_address(args.listen)[0] or ("0.0.0.0" if role == SERVER else "127.0.0.1")
     if role == SERVER:
@@ -199,9 +206,9 @@ def _check_open(args: argparse.Namespace, role: str, authenticated: bool) -> Non
             "both ends, or --tls-client-ca FILE with --tls-cert and --tls-key, "
             "or --no-auth to run it open on purpose"
         )
-    if args.no_auth and args.allow:
+    if args.no_auth and allow:
         raise ValueError("--no-auth with --allow: give one or the other")
-    if args.allow or args.no_auth or is_loopback(host):
+    if allow or args.no_auth or is_loopback(host):
         return
     raise ValueError(
         f"listening on {args.listen} would let anyone who reaches it through to the server's "

@@ -59,6 +59,7 @@ from .frame import (
 )
 from .runtime import Runtime, bounded_wait, check_timeout, get_runtime
 from .stream import (
+    INITIAL_PEER_WINDOW,
     RECV_EOF,
     RECV_OPEN,
     RECV_RESET,
@@ -190,6 +191,23 @@ class Session:
         self._dropped_frames = 0
         self._recently_closed: dict[int, None] = {}  # insertion-ordered set
         self._refused_streams = 0
+        # Set when a transport write failed: nothing is written any more, while
+        # reading goes on to the end of the transport.
+        self._write_error: SmuxError | None = None
+        # Version 2: local writers waiting for a window update.
+        self._window_waiters = 0
+        # Version 2: the most a peer that honours the windows can make one
+        # stream hold unread: Go assumes 256 KiB before our first UPD, then
+        # the window we advertise.
+        self._stream_limit = max(INITIAL_PEER_WINDOW, cfg.max_stream_buffer)
+        # What stats() reports; plain ints changed under the session lock.
+        self._streams_opened = 0
+        self._streams_accepted = 0
+        self._frames_sent = 0
+        self._bytes_sent = 0  # transport bytes, headers included, once a write starts
+        self._frames_received = 0
+        self._bytes_received = 0
+        self._protocol_errors = 0
 
         # Send side.
         self._tx_busy = False
@@ -275,10 +293,39 @@ class Session:
         """Incoming streams refused (with a FIN) because a limit was reached."""
         return self._refused_streams
 
+    def stats(self) -> dict[str, int]:
+        """This session's counters and gauges, as one consistent snapshot.
+
+        Counters (only grow): ``streams_opened`` (by this side),
+        ``streams_accepted`` (opened by the peer), ``streams_refused``,
+        ``frames_sent``, ``bytes_sent``, ``frames_received``,
+        ``bytes_received`` (transport bytes, headers included),
+        ``dropped_frames``, ``protocol_errors`` (0 or 1). Gauges: ``streams``
+        (tracked now), ``buffered_bytes`` (received, not yet read).
+        """
+        with self._lock:
+            return {
+                "streams_opened": self._streams_opened,
+                "streams_accepted": self._streams_accepted,
+                "streams_refused": self._refused_streams,
+                "frames_sent": self._frames_sent,
+                "bytes_sent": self._bytes_sent,
+                "frames_received": self._frames_received,
+                "bytes_received": self._bytes_received,
+                "dropped_frames": self._dropped_frames,
+                "protocol_errors": self._protocol_errors,
+                "streams": len(self._streams),
+                "buffered_bytes": self._buffered,
+            }
+
     def open_stream(self) -> Stream:
         """Open a new stream. The peer learns of it with our first frame."""
         with self._lock:
             self._check_alive()
+            if self._write_error is not None:
+                raise SessionClosedError(
+                    errno.EPIPE, f"session can no longer write: {self._write_error}"
+                )
             stream_id = self._next_id
             if stream_id > _MASK:
                 raise SmuxError(
@@ -286,6 +333,7 @@ class Session:
                     "this session has used all 2**32 stream ids; open a new session",
                 )
             self._next_id += 2
+            self._streams_opened += 1
             stream = Stream(self, stream_id)
             # Registered before the SYN is queued: a reply right after the peer's
             # accept finds the stream (Go loses it: docs/design.md section 9.1).
@@ -328,7 +376,11 @@ class Session:
         with self._lock:
             deadline = rt.monotonic() + _CLOSE_FLUSH_SECONDS
             target = self._control_queued
-            while not self._closed and self._control_written - target < 0:
+            while (
+                not self._closed
+                and self._write_error is None
+                and self._control_written - target < 0
+            ):
                 remaining = deadline - rt.monotonic()
                 if remaining <= 0:
                     break
@@ -353,12 +405,13 @@ class Session:
             raise SessionClosedError(errno.ECONNABORTED, f"session is closed: {self._error}")
 
     def _reset_error(self, stream_id: int) -> StreamResetError:
+        cause = self._error or self._write_error
         err = StreamResetError(
             errno.ECONNRESET,
             f"stream {stream_id} was reset: the session ended before the peer "
-            f"closed it ({self._error})",
+            f"closed it ({cause})",
         )
-        err.__cause__ = self._error
+        err.__cause__ = cause
         return err
 
     def _abort(self, error: SmuxError) -> None:
@@ -367,7 +420,10 @@ class Session:
             if self._closed:
                 return
             self._closed = True
-            self._error = error
+            # A failed write came first: it is why the session ended.
+            self._error = error = self._write_error or error
+            if isinstance(error, ProtocolError):
+                self._protocol_errors += 1
             if self._leader is not None:
                 os.eventfd_write(self._wake_fd, 1)
             streams = list(self._streams.values())
@@ -383,10 +439,9 @@ class Session:
             self._reader_cond.notify_all()
             self._writer_cond.notify_all()
             self._notify_idle()
-        if isinstance(error, ProtocolError):
-            log.warning("pysmux: session ended: %s", error)
-        else:
-            log.debug("pysmux: session ended: %s", error)
+        # Every caller learns why (``error``, the exceptions it raises): the
+        # owner of the session reports it, not the library a second time.
+        log.debug("session ended: %s", error)
         # shutdown (not close) wakes a thread blocked in recv or send on Linux;
         # the reader closes the socket once no one is using it.
         with contextlib.suppress(OSError):
@@ -409,6 +464,10 @@ class Session:
             self._queue_control(encode_header(self._version, CMD_FIN, 0, stream.id))
             stream._wake()
             self._unregister_if_done(stream)
+        elif stream._send_state == SEND_RESET:
+            # The session is gone, so no FIN; but a send after the caller's own
+            # shutdown is a broken pipe, as on a socket.
+            stream._send_state = SEND_SHUT
 
     def _shut_recv(self, stream: Stream) -> None:
         if self._leader is stream:
@@ -443,6 +502,8 @@ class Session:
 
     def _queue_control(self, item: _ControlItem) -> None:
         """Queue a control frame; it never waits behind more than one data frame."""
+        if self._write_error is not None:
+            return  # nothing can be written any more
         self._control.append(item)
         self._control_queued += 1
         if not self._tx_busy:
@@ -466,6 +527,8 @@ class Session:
             else:
                 frames.append(item)
         self._control.clear()
+        self._frames_sent += len(frames)
+        self._bytes_sent += sum(map(len, frames))
         self._control_taken = self._control_queued
         if not frames:  # every item was a UPD nobody needs: nothing left to write
             self._control_written = self._control_taken
@@ -511,6 +574,8 @@ class Session:
                     count = min(size - sent, max_frame, self._window(stream))
                 if count > 0:
                     stream._num_written = (stream._num_written + count) & _MASK
+                    self._frames_sent += 1
+                    self._bytes_sent += HEADER_SIZE + count
                     frames = self._take_control()
                     frames.append(encode_header(self._version, CMD_PSH, count, stream.id))
                     frames.append(view[sent : sent + count])
@@ -554,7 +619,15 @@ class Session:
                 raise stream._send_error()
             if self._window(stream) > 0:
                 return
-            self._wait_for_reader(stream, deadline)  # a UPD
+            # The UPD we need may sit behind data nobody reads yet: while we
+            # wait, a v2 reader reads past the session budget (see _may_read).
+            self._window_waiters += 1
+            if self._reader_paused:
+                self._reader_cond.notify_all()
+            try:
+                self._wait_for_reader(stream, deadline)
+            finally:
+                self._window_waiters -= 1
 
     def _acquire_transport(self, stream: Stream, deadline: float | None) -> None:
         """Own the transport, in arrival order behind other streams (lock held)."""
@@ -649,11 +722,28 @@ class Session:
             raise
 
     def _fail_write(self, why: str) -> None:
-        """End the session after a failed write and give up the transport (lock not held)."""
-        self._abort(SessionClosedError(errno.EPIPE, why))
+        """Stop writing for good after a failed write (lock not held).
+
+        Reading goes on until the transport ends: frames the peer sent before it
+        went away (a reply, then its FIN) are still delivered, as a socket
+        still returns data that arrived before a failed send. The reader then
+        ends the session with this error.
+        """
         with self._lock:
             self._tx_busy = False
             self._notify_idle()
+            if self._closed or self._write_error is not None:
+                return
+            self._write_error = SessionClosedError(errno.EPIPE, why)
+            self._control.clear()
+            for stream in [*self._streams.values(), *self._tx_waiters]:
+                if stream._send_state == SEND_OPEN:
+                    stream._send_state = SEND_RESET
+                stream._wake()
+            self._writer_cond.notify_all()
+        log.debug("pysmux: %s; reading on until the transport ends", why)
+        with contextlib.suppress(OSError):
+            self._sock.shutdown(socket.SHUT_WR)
 
     def _transmit(self, parts: list[Any], deadline: float | None) -> None:
         """Put ``parts`` on the wire (transport held, lock not held).
@@ -853,11 +943,19 @@ class Session:
 
     def _may_read(self) -> bool:
         """Whether anyone may read more frames now (lock held): the bounds on
-        unread data and on unwritten refusals hold for every reader."""
-        return (
-            self._buffered < self._config.max_receive_buffer
-            and self._refusals_queued <= _MAX_QUEUED_REFUSALS
-        )
+        unread data and on unwritten refusals hold for every reader.
+
+        Version 2 reads past the session budget while a local writer waits for
+        a window update: pausing then could deadlock (the UPD sits behind data
+        that the waiting writers would read after they wrote). Memory stays
+        bounded by the stream windows, which ``_on_psh`` enforces, and no new
+        stream is accepted while over the budget.
+        """
+        if self._refusals_queued > _MAX_QUEUED_REFUSALS:
+            return False
+        if self._buffered < self._config.max_receive_buffer:
+            return True
+        return self._version == 2 and self._window_waiters > 0
 
     def _end_read_turn(self) -> None:
         self._reading = False
@@ -908,6 +1006,7 @@ class Session:
             raise SessionClosedError(errno.ECONNRESET, f"transport closed by the peer ({where})")
         self._rend = end + count
         self._last_rx = self._runtime.monotonic()
+        self._bytes_received += count  # one writer: whoever holds the read turn
 
     def _absorb(self) -> None:
         """Handle the complete frames in the read buffer (read turn and lock held)."""
@@ -984,11 +1083,13 @@ class Session:
         while end - start >= HEADER_SIZE:
             ver, cmd, length, stream_id = unpack(view, start)
             if ver != version:
-                raise ProtocolError(
+                error = ProtocolError(
                     errno.EPROTO,
                     f"peer sent a version {ver} frame to a version {version} session "
                     f"(both ends must use the same Config.version)",
                 )
+                error.received = bytes(view[start : min(end, start + 64)])
+                raise error
             handler = handlers.get(cmd)
             if handler is None:
                 raise ProtocolError(errno.EPROTO, f"peer sent unknown command {cmd}")
@@ -997,6 +1098,7 @@ class Session:
             payload_end = start + HEADER_SIZE + length
             if payload_end > end:
                 break
+            self._frames_received += 1
             handler(stream_id, view[start + HEADER_SIZE : payload_end])
             if self._syn_stalled:
                 break  # this SYN waits for room in the accept queue
@@ -1065,6 +1167,11 @@ class Session:
         if len(self._streams) >= cfg.max_streams:
             self._refuse(stream_id, "max_streams")
             return
+        if self._buffered >= cfg.max_receive_buffer and self._window_waiters:
+            # Reading past the budget for writers that wait for a UPD (version
+            # 2, see _may_read): a new stream could bring another whole window.
+            self._refuse(stream_id, "max_receive_buffer")
+            return
         if len(self._accept_queue) >= cfg.accept_backlog:
             if not self._refusing:
                 self._syn_stalled = True
@@ -1075,6 +1182,7 @@ class Session:
         stream = Stream(self, stream_id)
         self._streams[stream_id] = stream
         self._accept_queue.append(stream)
+        self._streams_accepted += 1
         self._accept_cond.notify()
 
     def _refuse(self, stream_id: int, limit: str) -> None:
@@ -1112,6 +1220,13 @@ class Session:
             if stream is None and length < _CHEAP_PAYLOAD:
                 self._orphan(stream_id, "PSH for an unknown stream")
             return
+        if self._version == 2 and stream._recv_buffered + length > self._stream_limit:
+            raise ProtocolError(
+                errno.EPROTO,
+                f"peer overran the window of stream {stream_id}: "
+                f"{stream._recv_buffered + length} bytes unread, at most "
+                f"{self._stream_limit} allowed",
+            )
         chunks = stream._chunks
         if chunks is None:
             chunks = stream._chunks = deque()

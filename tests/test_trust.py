@@ -441,3 +441,19 @@ def test_huge_timeouts_mean_a_long_wait(pair, huge):
     assert reader.result(5) == b"later"
     st.sendall(b"x" * 100_000)  # a send bounded by a huge deadline works too
     assert recv_exact(peer, 100_000) == b"x" * 100_000
+
+
+def test_send_after_shutdown_of_a_reset_stream_is_a_broken_pipe(pair):
+    """As with close(), a send after the stream's own shutdown(SHUT_WR) is a
+    broken pipe, also when the session had ended before the shutdown (found by
+    the stateful model test)."""
+    import socket
+
+    client, _server = pair()
+    st = client.open_stream()
+    client.close()
+    with pytest.raises(pysmux.StreamResetError):
+        st.send(b"x")
+    st.shutdown(socket.SHUT_WR)
+    with pytest.raises(BrokenPipeError):
+        st.send(b"x")

@@ -786,13 +786,16 @@ def test_cli_client_reconnects_after_server_killed(
 def test_cli_signals_stop_promptly_with_live_connections(
     runtime: str, cli: Callable[..., Cli], target: Callable[..., TcpTarget]
 ) -> None:
-    """SIGINT (Ctrl-C) and SIGTERM stop the client and the server promptly with status 0
-    even while connections are being carried; those connections are reset, not left
-    hanging or ended as if complete."""
+    """With ``--drain-timeout 0``, SIGINT (Ctrl-C) and SIGTERM stop the client and the
+    server promptly with status 0 even while connections are being carried; those
+    connections are reset, not left hanging or ended as if complete."""
     echo = target()
-    server = cli("server", "-l", "127.0.0.1:0", "-t", addr_arg(echo.address), "--smuxver", "2")
+    now = ("--drain-timeout", "0")
+    server = cli(
+        "server", "-l", "127.0.0.1:0", "-t", addr_arg(echo.address), "--smuxver", "2", *now
+    )
     client = cli(
-        "client", "-l", "127.0.0.1:0", "-r", addr_arg(server.address()), "--smuxver=2", "-v"
+        "client", "-l", "127.0.0.1:0", "-r", addr_arg(server.address()), "--smuxver=2", "-v", *now
     )
     caddr = client.address()
     socks = [connect(caddr) for _ in range(3)]

@@ -121,18 +121,15 @@ def test_echo_go_client_pysmux_server(
 ) -> None:
     """A Go smux client can open many streams (or one big one) to a pysmux server that
     echoes, and reads back exactly what it sent, checksummed on the Go side."""
-    # v2: a Go sender assumes a 256 KiB window per stream before our first UPD, so 64
-    # streams can have 16 MiB in flight. Past the session budget (4 MiB by default) our
-    # reader pauses; echo writers then wait for UPDs that sit unread behind the pause,
-    # and nobody reads: a deadlock (about 1 run in 15; reported). A budget that covers
-    # every initial window avoids it.
-    config = {"max_receive_buffer": streams * 256 * 1024} if version == 2 and streams > 1 else {}
+    # Default settings, v2 included: a Go sender assumes a 256 KiB window per stream
+    # before our first UPD, so 64 streams can put 16 MiB in flight against a 4 MiB
+    # budget. pysmux reads on past the budget while its echo writers wait for UPDs
+    # (docs/design.md 7.3); it used to pause and deadlock about 1 run in 15.
     peer, sess = py_server(
         gopeer,
         net,
         version,
         ("-mode=client-echo", f"-streams={streams}", f"-size={size}", "-hold"),
-        **config,
     )
     handler = EchoHandler(sess)
     try:

@@ -14,8 +14,10 @@ all: a refused client must never reach it.
 from __future__ import annotations
 
 import contextlib
+import json
 import logging
 import os
+import re
 import shutil
 import signal
 import subprocess
@@ -28,6 +30,7 @@ from typing import Any, NamedTuple
 import pytest
 
 import pysmux
+from pysmux.metrics import render
 from pysmux.tunnel import (
     EchoServer,
     SharedKey,
@@ -36,7 +39,7 @@ from pysmux.tunnel import (
     client_tls_context,
     server_tls_context,
 )
-from pysmux.tunnel.handshake import HELLO_SIZE, MAC_SIZE, MAGIC, NONCE_SIZE, VERSION
+from pysmux.tunnel.guard import HELLO_SIZE, MAC_SIZE, MAGIC, NONCE_SIZE, VERSION
 from tests.runtimes import current
 from tests_e2e.conftest import StartPeer
 from tests_e2e.test_cli import (  # noqa: F401 - fixtures
@@ -54,6 +57,8 @@ from tests_e2e.test_cli import (  # noqa: F401 - fixtures
 )
 
 KEY = "correct horse battery staple"
+#: What a client without a key logs when the server asks for one.
+TOLD_TO_GIVE_KEY = "began a key handshake: give this end the same key"
 
 
 class Pki(NamedTuple):
@@ -346,6 +351,7 @@ def test_wrong_or_missing_key_and_stallers_never_reach_the_target(
                 wait_refused(srv, before + 1)
             finally:
                 sock.close()
+            wait_until(lambda: any(TOLD_TO_GIVE_KEY in m for m in messages(caplog)), 10, "told")
         else:
             wait_refused(srv, before + 1)
             assert_refused_without_reaching(cli, echo)
@@ -369,6 +375,11 @@ def test_wrong_or_missing_key_and_stallers_never_reach_the_target(
     assert good.wait_connected(timeout=10)
     echo_many(good.address, count=2, size=256 * 1024)
     assert len(echo.conns) == 2  # the two carried connections, and nothing else
+    failures = srv.stats()["handshake_failures"]
+    assert failures == srv.refused >= 3  # wrong key, no key, the staller
+    assert f'pysmux_handshake_failures_total{{role="server"}} {failures}' in render(
+        srv.stats(), "server"
+    )
 
     plain = TunnelServer("127.0.0.1:0", echo.address, runtime=runtime)
     tunnels.append(plain.start())
@@ -473,6 +484,8 @@ def test_allow_admits_and_refuses_by_source_address(
     refused = [m for m in messages(caplog) if "address not allowed" in m]
     assert len(refused) == 1 and "127.0.0.1:" in refused[0], messages(caplog)
     assert closed_to_me.refused == 0 and closed_to_me.sessions == 0  # no handshake at all
+    assert closed_to_me.stats()["connections_not_allowed"] == 1
+    assert open_to_me.stats()["connections_not_allowed"] == 0
     assert len(echo.conns) == 1
     picky = TunnelClient("127.0.0.1:0", open_to_me.address, runtime=runtime, key=KEY,
                          allow=["::1/128"])  # fmt: skip
@@ -485,6 +498,7 @@ def test_allow_admits_and_refuses_by_source_address(
             sock.close()
     wait_until(lambda: len([m for m in messages(caplog) if "not allowed" in m]) == 2, 10, "2")
     assert picky.connections == 0 and len(echo.conns) == 1
+    assert picky.stats()["connections_not_allowed"] == 1
     with pytest.raises(ValueError, match="not a network"):
         TunnelServer("127.0.0.1:0", echo.address, allow=["10.0.0.0/33"])
 
@@ -613,6 +627,106 @@ def test_cli_tls_and_key_across_processes(
         assert p.wait() == 0, p.describe()
     for p in (good, wrong, insecure, server):
         assert not [line for line in p.err if KEY in line], p.describe()
+
+
+@CHILD
+def test_cli_config_file_carries_key_tls_and_allow(
+    runtime: str,
+    cli: Callable[..., Cli],
+    pki: Pki,
+    target: Callable[..., TcpTarget],
+    tmp_path: Path,
+) -> None:
+    """A user keeps the security settings in the ``-c FILE`` configs: the server's file has
+    the key, its certificate and a client CA and listens beyond loopback; the client's file
+    has the key, the CA, its certificate, the server name and ``allow``, and listens beyond
+    loopback too. Data flows over TLS with the key; a client file with another key is
+    refused. A bad key or allow value stops the command (status 2) naming the key of the
+    file, never the key's value; ``crypt`` is still ignored with a warning. No log shows
+    the key."""
+    echo = target()
+    server_json = tmp_path / "server.json"
+    server_json.write_text(json.dumps({
+        "listen": "0.0.0.0:0", "target": addr_arg(echo.address), "key": KEY, "crypt": "aes",
+        "tls_cert": str(pki.server_cert), "tls_key": str(pki.server_key),
+        "tls_client_ca": str(pki.ca),
+    }))  # fmt: skip
+    server = cli("server", "-c", str(server_json), "--runtime", runtime)
+    remote = f"127.0.0.1:{server.address()[1]}"
+    server.wait_lines(r"mux connections: TLS with client certificates, shared key", stderr=True)
+    assert [line for line in server.err if "'crypt' ignored" in line and "TLS" in line]
+    client_settings = {
+        "localaddr": "0.0.0.0:0", "remoteaddr": remote, "key": KEY, "tls_ca": str(pki.ca),
+        "tls_cert": str(pki.client_cert), "tls_key": str(pki.client_key),
+        "tls_server_name": "localhost", "allow": ["127.0.0.1/32", "::1"],
+    }  # fmt: skip
+    client_json = tmp_path / "client.json"
+    client_json.write_text(json.dumps(client_settings))
+    good = cli("client", "-c", str(client_json), "--runtime", runtime)
+    port = good.address()[1]
+    good.wait_lines(r"mux connections: TLS, shared key, allow 127\.0\.0\.1/32,::1", stderr=True)
+    echo_many(("127.0.0.1", port), count=2, size=256 * 1024)
+    assert len(echo.conns) == 2
+
+    wrong_json = tmp_path / "wrong.json"
+    wrong_json.write_text(json.dumps({**client_settings, "localaddr": "127.0.0.1:0",
+                                      "key": "guess-" + KEY}))  # fmt: skip
+    wrong = cli("client", "-c", str(wrong_json), "--connect-timeout", "0.5")
+    wrong.wait_lines(r"cannot connect to .*: the server refused the key proof", stderr=True)
+    server.wait_lines(r"refused: wrong key", stderr=True)
+    assert len(echo.conns) == 2
+
+    for bad, message in [
+        ({"key": ["hunter2", KEY]}, r"key: expected the shared key as a non-empty string"),
+        ({"key": ""}, r"key: expected the shared key"),
+        ({"allow": ["10.0.0.0/33"]}, r"allow: '10\.0\.0\.0/33' is not a network"),
+        ({"tls": "yes"}, r"tls=\"yes\": expected true or false"),
+    ]:
+        path = tmp_path / "bad.json"
+        path.write_text(json.dumps({**client_settings, **bad}))
+        p = cli("client", "-c", str(path))
+        assert p.wait() == 2, p.describe()
+        assert p.out == [] and re.search(message, p.err[-1]), p.describe()
+        assert not [line for line in p.err if KEY in line or "hunter2" in line], p.describe()
+    for p in (good, wrong, server):
+        p.send_signal(signal.SIGTERM)
+        assert p.wait() == 0, p.describe()
+        assert not [line for line in p.err if KEY in line], p.describe()
+
+
+@pytest.mark.runtime_independent(reason="parses arguments only; nothing starts")
+def test_config_file_key_and_allow_give_way_to_flags(
+    runtime: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The ``-c FILE`` key is used when nothing else gives one; ``--key`` and ``PYSMUX_KEY``
+    win over it (no "give one" error), and ``--allow`` replaces the file's list instead of
+    adding to it."""
+    from pysmux.cli import _build_parsers
+    from pysmux.cli_security import CLIENT, security_from_args
+    from pysmux.tunnel import configfile
+
+    path = tmp_path / "client.json"
+    settings_in_file = {
+        "remoteaddr": "127.0.0.1:1",
+        "localaddr": "0.0.0.0:0",
+        "key": "from the file",
+        "allow": "10.0.0.0/8, 192.0.2.7",
+    }
+    path.write_text(json.dumps(settings_in_file))
+
+    def settings(*flags: str) -> dict[str, Any]:
+        parser, commands = _build_parsers()
+        argv = ["client", "-c", str(path), *flags]
+        assert configfile.apply_argv(argv, commands) == []
+        return security_from_args(parser.parse_args(argv), CLIENT)
+
+    monkeypatch.delenv("PYSMUX_KEY", raising=False)
+    got = settings()
+    assert got["key"].secret == b"from the file" and got["allow"] == ["10.0.0.0/8", "192.0.2.7"]
+    got = settings("--key", "from the flag", "--allow", "127.0.0.1")
+    assert got["key"].secret == b"from the flag" and got["allow"] == ["127.0.0.1"]
+    monkeypatch.setenv("PYSMUX_KEY", "from the environment")
+    assert settings()["key"].secret == b"from the environment"
 
 
 # ---------------------------------------------------------------------------

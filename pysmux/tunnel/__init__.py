@@ -4,11 +4,11 @@
 
     TCP clients --> TunnelClient ==(N mux connections)==> TunnelServer --> target
                     (listen)        one stream per TCP                    (one TCP per
-                                    connection, round-robin               stream)
+                                    connection, least loaded first        stream)
 
 * :class:`TunnelClient` accepts TCP connections on its listen address and
   carries each as one stream over ``conn`` mux connections to the remote
-  address, picked round-robin. A mux connection that dies is dialled again with
+  address, each on the one carrying the fewest. A mux connection that dies is dialled again with
   exponential backoff; a TCP connection that arrives while none is up waits for
   one (up to ``connect_timeout``).
 * :class:`TunnelServer` accepts mux connections and forwards every stream as a
@@ -61,7 +61,10 @@ The package's modules, one role each (import the names above from
   mux-server base;
 * ``client``: :class:`TunnelClient` and its re-dialled mux connections;
 * ``security``: the source filter, TLS contexts and the shared key;
-* ``handshake``: TLS and the key handshake on a new mux connection.
+* ``guard``: TLS and the key handshake on a new mux connection, before smux starts;
+* ``handshake``: the NOP hello that starts every mux session, and the words for
+  why one ended;
+* ``configfile``: kcptun-style JSON config files (``-c FILE``).
 
 Security (README, "Security"; ``docs/design.md`` 10.1): ``allow=`` filters
 sources at accept, ``tls=`` (an ``ssl.SSLContext``) encrypts the mux
@@ -73,7 +76,7 @@ authenticates; only TLS encrypts).
 from __future__ import annotations
 
 from .client import TunnelClient
-from .handshake import HandshakeError
+from .guard import HandshakeError
 from .net import Address, format_address, parse_address
 from .security import SharedKey, client_tls_context, server_tls_context
 from .server import EchoServer, TunnelServer

@@ -1,8 +1,9 @@
 """The client side of the tunnel: TCP connections in, each carried as a stream.
 
 :class:`TunnelClient` keeps ``conn`` mux connections (links) to the server,
-each re-dialled with exponential backoff whenever it dies, and carries every
-TCP connection it accepts as one stream on the next live link, round-robin.
+each re-dialled with exponential backoff whenever it dies (and renewed after
+``autoexpire`` seconds, if set), and carries every TCP connection it accepts
+as one stream on the live link that carries the fewest.
 """
 
 from __future__ import annotations
@@ -16,38 +17,59 @@ from typing import Any
 from ..config import Config
 from ..runtime import Runtime
 from ..session import Session
-from ..session import client as mux_client
 from ..stream import Stream
-from .handshake import Guard
+from .guard import Guard
+from .handshake import describe_loss, start_session
 from .net import Address, abort_tcp, as_address, format_address, nodelay, reset_and_close
 from .security import Network, SharedKey, is_loopback
 from .service import Service, check_seconds
 
-__all__ = ["Link", "TunnelClient"]
+__all__ = ["Link", "Mux", "TunnelClient"]
 
 log = logging.getLogger("pysmux.tunnel")
 
 
-class Link:
-    """One of the client's mux connections, re-dialled whenever it dies."""
+class Mux:
+    """One live mux connection of a link, and the connections it carries now."""
 
-    __slots__ = ("index", "session")
+    __slots__ = ("born", "carried", "session", "token")
+
+    def __init__(self, session: Session, token: int, born: float) -> None:
+        self.session = session
+        self.token = token
+        self.born = born
+        self.carried = 0
+
+
+class Link:
+    """One of the client's ``conn`` mux connections, re-dialled whenever it dies."""
+
+    __slots__ = ("index", "mux")
 
     def __init__(self, index: int) -> None:
         self.index = index
-        self.session: Session | None = None
+        self.mux: Mux | None = None
+
+    @property
+    def session(self) -> Session | None:
+        return None if self.mux is None else self.mux.session
 
 
 class TunnelClient(Service):
     """Accept TCP connections on ``listen``; carry each as one stream to ``remote``.
 
     ``conn`` mux connections are kept open to ``remote`` (kcptun's ``--conn``);
-    each new TCP connection goes to the next live one, round-robin. A mux
-    connection that fails to connect or dies is dialled again after a backoff
-    that doubles from ``backoff_initial`` up to ``backoff_max`` seconds (at
-    once after a loss, if it had lived that long). A TCP connection that
-    arrives while no mux connection is up waits up to ``connect_timeout``
-    seconds for one, then is reset.
+    each new TCP connection goes to the live one carrying the fewest
+    connections. A mux connection that fails to connect or dies is dialled
+    again after a backoff that doubles from ``backoff_initial`` up to
+    ``backoff_max`` seconds (at once after the loss of a healthy one that had
+    lived that long). A TCP connection that arrives while no mux connection is
+    up waits up to ``connect_timeout`` seconds for one, then is reset.
+
+    ``autoexpire`` (seconds, kcptun's ``--autoexpire``): a mux connection that
+    old is retired: new connections go to a fresh one dialled at once, those
+    it carries finish on it, for up to ``scavenge_ttl`` seconds (kcptun's
+    ``--scavengettl``), then it is closed.
 
     ``listen`` and ``remote`` are ``"host:port"`` strings (``":port"`` listens
     on 127.0.0.1) or ``(host, port)`` tuples. ``config`` must match the
@@ -69,6 +91,7 @@ class TunnelClient(Service):
     """
 
     _default_host = "127.0.0.1"
+    _COUNTERS = (*Service._COUNTERS, "reconnects", "dial_failures", "expired")
 
     def __init__(
         self,
@@ -88,6 +111,8 @@ class TunnelClient(Service):
         server_hostname: str | None = None,
         key: SharedKey | bytes | str | None = None,
         handshake_timeout: float = 10.0,
+        autoexpire: float | None = None,
+        scavenge_ttl: float = 600.0,
     ) -> None:
         super().__init__(
             listen,
@@ -112,6 +137,8 @@ class TunnelClient(Service):
             )
         self._backoff_initial = float(backoff_initial)
         self._server_hostname = server_hostname or self._remote[0]
+        self._autoexpire = None if autoexpire is None else check_seconds("autoexpire", autoexpire)
+        self._scavenge_ttl = check_seconds("scavenge_ttl", scavenge_ttl)
         self._links = [Link(i + 1) for i in range(conn)]
         self._next_link = 0
         self._dials = 0
@@ -122,7 +149,7 @@ class TunnelClient(Service):
 
     @property
     def connected(self) -> int:
-        """Mux connections up now (0 to ``conn``)."""
+        """Mux connections up now (0 to ``conn``; retired ones not counted)."""
         with self._lock:
             return self._live()
 
@@ -130,6 +157,11 @@ class TunnelClient(Service):
     def dials(self) -> int:
         """Mux connections established so far (the first ones and every reconnect)."""
         return self._dials
+
+    def carried_per_link(self) -> list[int]:
+        """Connections carried now by each link's current mux connection (0 when down)."""
+        with self._lock:
+            return [0 if ln.mux is None else ln.mux.carried for ln in self._links]
 
     def wait_connected(self, count: int | None = None, timeout: float | None = None) -> bool:
         """Wait until ``count`` (default: all ``conn``) mux connections are up.
@@ -153,7 +185,7 @@ class TunnelClient(Service):
             return False
 
     def _live(self) -> int:
-        return sum(1 for ln in self._links if ln.session is not None and not ln.session.closed)
+        return sum(1 for ln in self._links if ln.mux is not None and not ln.mux.session.closed)
 
     def _start_tasks(self) -> None:
         tls = self._guard.tls
@@ -179,12 +211,15 @@ class TunnelClient(Service):
         rt = self._rt
         remote = format_address(self._remote)
         backoff = self._backoff_initial
+        lost_one = False
         while not self._closed:
             try:
                 transport = self._secure(self._dial(self._remote, self._connect_timeout))
+                session = start_session(transport, self._config, rt, is_client=True)
             except OSError as exc:
                 if self._closed:
                     return
+                self._count("dial_failures")
                 log.warning(
                     "mux connection %d: cannot connect to %s: %s (retrying in %.2f s)",
                     link.index,
@@ -196,32 +231,32 @@ class TunnelClient(Service):
                     return
                 backoff = min(backoff * 2, self._backoff_max)
                 continue
-            session = mux_client(transport, config=self._config, runtime=rt)
             token = self._track_session(session)
             if token is None:
                 session.close()
                 return
+            began = rt.monotonic()
+            mux = Mux(session, token, began)
             with self._lock:
-                link.session = session
+                link.mux = mux
                 self._dials += 1
+                if lost_one:
+                    self._counts["reconnects"] += 1
                 self._cond.notify_all()
             log.info("mux connection %d to %s established", link.index, remote)
-            began = rt.monotonic()
-            self._until_dead(session)
+            expired = self._until_dead(session, began)
             with self._lock:
-                link.session = None
-            self._untrack_session(token)
-            session.close()
+                link.mux = None
+            if expired:
+                self._retire(link, mux)
+                backoff = self._backoff_initial
+                continue
+            self._end_session(token)
             if self._closed:
                 return
-            log.warning(
-                "mux connection %d to %s lost: %s%s",
-                link.index,
-                remote,
-                session.error,
-                self._guard.hint_for(session.error),
-            )
-            if rt.monotonic() - began >= self._backoff_max:
+            lost_one = True
+            healthy = describe_loss(session, remote, link.index)
+            if healthy and rt.monotonic() - began >= self._backoff_max:
                 backoff = self._backoff_initial  # it was healthy: dial again at once
                 continue
             if self._pause(backoff):
@@ -245,35 +280,77 @@ class TunnelClient(Service):
             if token is not None:
                 self._untrack(token)
 
-    @staticmethod
-    def _until_dead(session: Session) -> None:
-        """Block until ``session`` ends. A tunnel server never opens streams: refuse them."""
+    def _until_dead(self, session: Session, began: float) -> bool:
+        """Block until ``session`` ends (False) or reaches ``autoexpire`` (True).
+
+        A tunnel server never opens streams: refuse them.
+        """
+        expire_at = None if self._autoexpire is None else began + self._autoexpire
         while True:
+            timeout = None
+            if expire_at is not None:
+                timeout = max(0.0, expire_at - self._rt.monotonic())
             try:
-                stream = session.accept_stream()
+                stream = session.accept_stream(timeout)
+            except TimeoutError:
+                return not session.closed
             except OSError:
-                return
+                return False
             log.warning("the server opened stream %d; a tunnel does not carry those", stream.id)
             stream.close()
 
-    def _open_stream(self) -> Stream | None:
-        """A new stream on the next live mux connection; None if none comes up in time."""
+    def _retire(self, link: Link, mux: Mux) -> None:
+        """Let an expired mux connection's connections finish (up to ``scavenge_ttl``)."""
+        self._count("expired")
+        log.info(
+            "mux connection %d retired after %g s (autoexpire); %d connection(s) finish on it",
+            link.index,
+            self._autoexpire,
+            mux.carried,
+        )
+        scavenge = functools.partial(self._scavenge, mux)
+        if not self._spawn(scavenge, f"pysmux-tunnel-scavenge-{link.index}"):
+            self._end_session(mux.token)
+
+    def _scavenge(self, mux: Mux) -> None:
+        rt = self._rt
+        deadline = rt.monotonic() + self._scavenge_ttl
+        with self._lock:
+            while mux.carried and not self._closed:
+                remaining = deadline - rt.monotonic()
+                if remaining <= 0:
+                    log.info(
+                        "retired mux connection closed after scavenge_ttl=%g s with %d "
+                        "connection(s) still on it",
+                        self._scavenge_ttl,
+                        mux.carried,
+                    )
+                    break
+                self._cond.wait(remaining)
+        self._end_session(mux.token)
+
+    def _open_stream(self) -> tuple[Stream, Mux] | None:
+        """A new stream on the live mux connection carrying the fewest connections.
+
+        None if none comes up within ``connect_timeout``.
+        """
         rt = self._rt
         links = self._links
         deadline = rt.monotonic() + self._connect_timeout
         with self._lock:
             while not self._closed:
-                for k in range(len(links)):
-                    i = (self._next_link + k) % len(links)
-                    session = links[i].session
-                    if session is None or session.closed:
-                        continue
+                candidates = [
+                    links[(self._next_link + k) % len(links)].mux for k in range(len(links))
+                ]
+                live = [m for m in candidates if m is not None and not m.session.closed]
+                for mux in sorted(live, key=lambda m: m.carried):  # stable: ties rotate
                     try:
-                        stream = session.open_stream()  # takes the session lock briefly only
+                        stream = mux.session.open_stream()  # takes the session lock briefly
                     except OSError:
                         continue  # it has just died (or has no ids left)
-                    self._next_link = (i + 1) % len(links)
-                    return stream
+                    mux.carried += 1
+                    self._next_link = (self._next_link + 1) % len(links)
+                    return stream, mux
                 remaining = deadline - rt.monotonic()
                 if remaining <= 0:
                     return None
@@ -296,8 +373,8 @@ class TunnelClient(Service):
 
     def _serve_conn(self, sock: Any, where: str) -> None:
         try:
-            stream = self._open_stream()  # close() wakes it
-            if stream is None:
+            opened = self._open_stream()  # close() wakes it
+            if opened is None:
                 if not self._closed:
                     log.warning(
                         "connection from %s reset: no mux connection to %s within %s s",
@@ -307,7 +384,13 @@ class TunnelClient(Service):
                     )
                 reset_and_close(sock)
                 return
+            stream, mux = opened
             log.debug("connection from %s: stream %d", where, stream.id)
-            self._carry(sock, stream, f"conn {where}/{stream.id}")
+            try:
+                self._carry(sock, stream, f"conn {where}/{stream.id}")
+            finally:
+                with self._lock:
+                    mux.carried -= 1
+                    self._cond.notify_all()
         finally:
             self._release_conn()

@@ -1,280 +1,99 @@
-"""Securing one mux connection before smux starts: TLS, then the shared-key handshake.
+"""Starting a tunnel's mux session, and saying why one ended in words a user can act on.
 
-Both run within one deadline (``handshake_timeout``); a peer that stalls is
-dropped when it passes. The key handshake (version 1), every field fixed size::
-
-    server -> client  HELLO  "PSMXAUTH" | version 1 | server nonce (32 random bytes)
-    client -> server  PROOF  "PSMXAUTH" | version 1 | flags | client nonce (32) |
-                             HMAC-SHA256(key, "pysmux-auth-1 client" | 0 | server nonce |
-                                              client nonce | flags | channel)
-    server -> client  OK     HMAC-SHA256(key, "pysmux-auth-1 server" | 0 | the same)
-
-A server that does not like the PROOF closes the connection (with a reset)
-instead of sending OK, and logs why; the client checks OK the same way, so
-each end knows the other holds the key. Nonces are fresh per connection, so a
-recorded exchange cannot be replayed. ``channel`` binds the proofs to the TLS
-connection: its ``tls-unique`` value (the first Finished message of the TLS
-handshake, the same on both ends; flags bit 0 says it is there), empty over
-plain TCP. A man in the middle who terminates TLS with a certificate of its
-own (a client running with ``--tls-insecure``, say) has two TLS connections
-with different values, so proofs it relays do not verify.
-
-The key proves who is talking; it does not hide what is said. Over plain TCP
-everything after the handshake travels in clear text and can be altered by
-anyone in the path: use TLS for that.
+smux has no handshake, so a peer of another protocol version, or a port that
+does not speak smux at all, shows only when its first frame arrives. Both
+ends of the tunnel therefore write one NOP frame (legal at any time, ignored
+by every smux peer, Go's included) as soon as the connection is ready for
+smux (over TLS and after the key handshake of :mod:`.guard`, when the tunnel
+has them): each end then reads the other's version within a round trip,
+instead of when the first stream is opened, and both can explain a mismatch.
+A peer whose first bytes are a key handshake is told apart from one that
+does not speak smux: only the key is missing.
 """
 
 from __future__ import annotations
 
-import hashlib
-import hmac
 import logging
-import secrets
-import ssl
-from collections.abc import Callable
 from typing import Any
 
-from ..errors import SmuxError
+from ..config import Config
+from ..errors import ProtocolError
+from ..frame import CMD_NAMES, CMD_NOP, encode_header
 from ..runtime import Runtime
-from .security import SharedKey, check_tls_context, wrap_tls
-from .service import check_seconds
+from ..session import Session
+from ..session import client as mux_client
+from ..session import server as mux_server
+from .guard import MAGIC as KEY_MAGIC
 
-__all__ = ["Guard", "HandshakeError"]
+__all__ = ["describe_bytes", "describe_end", "describe_loss", "start_session"]
 
 log = logging.getLogger("pysmux.tunnel")
 
-MAGIC = b"PSMXAUTH"
-VERSION = 1
-NONCE_SIZE = 32
-MAC_SIZE = 32
-HELLO_SIZE = len(MAGIC) + 1 + NONCE_SIZE
-PROOF_SIZE = len(MAGIC) + 2 + NONCE_SIZE + MAC_SIZE
-#: flags bit 0: the proof is bound to a TLS channel.
-FLAG_TLS = 0x01
 
+def start_session(sock: Any, config: Config, rt: Runtime, *, is_client: bool) -> Session:
+    """Write the NOP hello on a connection ready for smux, then start its session.
 
-class HandshakeError(SmuxError):
-    """A mux connection failed TLS or the key handshake; the message says why."""
-
-
-#: What an OpenSSL failure reason means, where it is not plain.
-_TLS_HINTS = {
-    "TLSV1_ALERT_UNKNOWN_CA": "the peer does not trust our certificate's CA",
-    "SSLV3_ALERT_BAD_CERTIFICATE": "the peer refused our certificate",
-    "TLSV13_ALERT_CERTIFICATE_REQUIRED": "the server requires a client certificate",
-    "PEER_DID_NOT_RETURN_A_CERTIFICATE": "the client sent no certificate",
-    "WRONG_VERSION_NUMBER": "the peer does not speak TLS",
-    "HTTP_REQUEST": "the peer does not speak TLS",
-    "UNEXPECTED_EOF_WHILE_READING": "the peer closed the connection (does it speak TLS?)",
-}
-
-
-class _PeerClosed(HandshakeError):
-    """The peer closed the connection in the middle of the handshake."""
-
-
-def _mac(key: SharedKey, role: bytes, server_nonce: bytes, client_nonce: bytes,
-         flags: int, channel: bytes) -> bytes:  # fmt: skip
-    msg = b"pysmux-auth-1 " + role + b"\x00" + server_nonce + client_nonce + bytes([flags])
-    return hmac.new(key.secret, msg + channel, hashlib.sha256).digest()
-
-
-def _channel(sock: Any) -> bytes:
-    """The TLS connection's ``tls-unique`` binding; empty over plain TCP."""
-    get = getattr(sock, "get_channel_binding", None)
-    if get is None:
-        return b""
-    value = get("tls-unique")
-    return bytes(value) if value else b""
-
-
-class Guard:
-    """What one end demands of a new mux connection: TLS (``tls``), the key (``key``),
-    both, or neither, all within ``timeout`` seconds.
-
-    ``server_side(sock, where)`` / ``client_side(sock, server_hostname)`` return
-    the transport to run smux on (``sock``, or its TLS socket) or raise
-    :class:`HandshakeError` (or ``OSError``). ``on_transport`` is told each
-    socket object the connection is carried by, so that another task can
-    abort it.
+    ``OSError`` (the socket is closed) if the hello cannot be written.
     """
+    try:
+        sock.sendall(encode_header(config.version, CMD_NOP, 0, 0))
+    except OSError:
+        sock.close()
+        raise
+    start = mux_client if is_client else mux_server
+    return start(sock, config=config, runtime=rt)
 
-    def __init__(
-        self,
-        rt: Runtime,
-        tls: ssl.SSLContext | None,
-        key: SharedKey | None,
-        timeout: float,
-    ) -> None:
-        self._rt = rt
-        self.tls = tls
-        self.key = key
-        self.timeout = timeout
 
-    @classmethod
-    def build(
-        cls,
-        rt: Runtime,
-        tls: ssl.SSLContext | None,
-        key: SharedKey | bytes | str | None,
-        timeout: float,
-        server_side: bool,
-    ) -> Guard:
-        """A guard of the arguments a tunnel class takes, each checked (``ValueError``)."""
-        return cls(
-            rt,
-            None if tls is None else check_tls_context(tls, server_side),
-            SharedKey.coerce(key),
-            check_seconds("handshake_timeout", timeout),
+def describe_bytes(data: bytes) -> str:
+    """What the first bytes a peer sent look like, for a log message."""
+    if data.startswith(b"HTTP/") or data.split(b" ", 1)[0] in _HTTP_METHODS:
+        return "bytes that look like HTTP"
+    if data.startswith(b"SSH-"):
+        return "an SSH banner"
+    if len(data) >= 2 and data[0] in (0x15, 0x16) and data[1] == 3:
+        return "a TLS record (is it a TLS port?)"
+    if data and all(32 <= b < 127 or b in b"\r\n\t" for b in data):
+        return f"text: {data[:40]!r}"
+    return f"bytes {data[:16].hex(' ')}"
+
+
+_HTTP_METHODS = frozenset(
+    {b"GET", b"POST", b"PUT", b"HEAD", b"DELETE", b"OPTIONS", b"PATCH", b"CONNECT"}
+)
+
+
+def describe_end(session: Session, peer: str, answered: str) -> tuple[str, bool]:
+    """Why ``session`` with ``peer`` ended, and whether that is a misconfiguration.
+
+    ``answered`` is the verb for what the peer sent ("answered with" for a
+    server, "sent" for a client).
+    """
+    error = session.error
+    received_frames = session.stats()["frames_received"]
+    if isinstance(error, ProtocolError) and error.received and not received_frames:
+        data = error.received
+        if data.startswith(KEY_MAGIC):
+            return f"{peer} began a key handshake: give this end the same key", True
+        if len(data) >= 2 and data[0] in (1, 2) and data[1] in CMD_NAMES:
+            return (
+                f"{peer} speaks smux version {data[0]}, this end version "
+                f"{session.config.version}: both ends need the same Config.version",
+                True,
+            )
+        return f"{peer} does not speak smux (it {answered} {describe_bytes(data)})", True
+    if isinstance(error, ProtocolError):
+        return f"{peer} broke the smux protocol: {error}", True
+    if not received_frames and "closed by the peer" in str(error):
+        return (
+            f"{peer} closed the mux connection without sending a single frame "
+            f"({error}): is it an smux server with the same Config.version?",
+            True,
         )
+    return f"{error}", False
 
-    @property
-    def trivial(self) -> bool:
-        """True when there is nothing to check: plain smux."""
-        return self.tls is None and self.key is None
 
-    def __repr__(self) -> str:
-        parts = ["tls" if self.tls else "tcp", "key" if self.key else "no key"]
-        return f"<Guard {', '.join(parts)} {self.timeout:g}s>"
-
-    def hint_for(self, error: BaseException | None) -> str:
-        """What a session error means for a client without a key: its session read the
-        server's key challenge as a frame (version ``MAGIC[0]``, "P"). Else empty."""
-        if self.key is None and f"version {MAGIC[0]} frame" in str(error):
-            return " (the server asks for a key: give it the same key)"
-        return ""
-
-    # -- the two sides -----------------------------------------------------------------
-
-    def server_side(self, sock: Any, on_transport: Callable[[Any], None]) -> Any:
-        deadline = self._rt.monotonic() + self.timeout
-        sock = self._tls(sock, True, None, deadline, on_transport)
-        if self.key is not None:
-            self._key_server(sock, self.key, deadline)
-        sock.settimeout(None)
-        return sock
-
-    def client_side(
-        self, sock: Any, server_hostname: str, on_transport: Callable[[Any], None]
-    ) -> Any:
-        deadline = self._rt.monotonic() + self.timeout
-        sock = self._tls(sock, False, server_hostname, deadline, on_transport)
-        if self.key is not None:
-            self._key_client(sock, self.key, deadline)
-        sock.settimeout(None)
-        return sock
-
-    # -- TLS -------------------------------------------------------------------------------
-
-    def _tls(
-        self,
-        sock: Any,
-        server_side: bool,
-        server_hostname: str | None,
-        deadline: float,
-        on_transport: Callable[[Any], None],
-    ) -> Any:
-        if self.tls is None:
-            return sock
-        tls = wrap_tls(self._rt, self.tls, sock, server_side, server_hostname)
-        on_transport(tls)
-        try:
-            self._settimeout(tls, deadline, "the TLS handshake")
-            tls.do_handshake()
-        except ssl.SSLCertVerificationError as exc:
-            tls.close()
-            whose = "the client's" if server_side else "the server's"
-            why = exc.verify_message or exc.reason or exc
-            raise HandshakeError(f"TLS: certificate verify failed: {whose}: {why}") from None
-        except ssl.SSLError as exc:
-            tls.close()
-            reason = exc.reason or str(exc)
-            hint = _TLS_HINTS.get(reason)
-            raise HandshakeError(f"TLS: {hint} ({reason})" if hint else f"TLS: {reason}") from None
-        except TimeoutError:
-            tls.close()
-            raise HandshakeError(f"TLS handshake not done within {self.timeout:g} s") from None
-        except OSError as exc:
-            tls.close()
-            raise HandshakeError(f"TLS handshake: {exc.strerror or exc}") from None
-        return tls
-
-    # -- the key ---------------------------------------------------------------------------
-
-    def _key_server(self, sock: Any, key: SharedKey, deadline: float) -> None:
-        server_nonce = secrets.token_bytes(NONCE_SIZE)
-        self._send(sock, MAGIC + bytes([VERSION]) + server_nonce, deadline)
-        try:
-            proof = self._recv(sock, PROOF_SIZE, deadline, "the client's key proof")
-        except _PeerClosed:
-            raise HandshakeError(
-                "the client closed the connection without a key proof (has it no key?)"
-            ) from None
-        if proof[: len(MAGIC)] != MAGIC:
-            raise HandshakeError("no key proof: not a pysmux client, or one without a key")
-        if proof[len(MAGIC)] != VERSION:
-            raise HandshakeError(f"key handshake version {proof[len(MAGIC)]}, not {VERSION}")
-        flags = proof[len(MAGIC) + 1]
-        client_nonce = proof[len(MAGIC) + 2 : -MAC_SIZE]
-        channel = _channel(sock)
-        if bool(flags & FLAG_TLS) != bool(channel):
-            raise HandshakeError(
-                "the client's TLS connection is not this one "
-                "(a TLS proxy or a man in the middle between the two ends?)"
-            )
-        want = _mac(key, b"client", server_nonce, client_nonce, flags, channel)
-        if not hmac.compare_digest(proof[-MAC_SIZE:], want):
-            raise HandshakeError("wrong key")
-        self._send(sock, _mac(key, b"server", server_nonce, client_nonce, flags, channel), deadline)
-
-    def _key_client(self, sock: Any, key: SharedKey, deadline: float) -> None:
-        hello = self._recv(sock, HELLO_SIZE, deadline, "the server's key challenge")
-        if hello[: len(MAGIC)] != MAGIC:
-            raise HandshakeError("the server sent no key challenge: is it running without a key?")
-        if hello[len(MAGIC)] != VERSION:
-            raise HandshakeError(
-                f"the server speaks key handshake version {hello[len(MAGIC)]}, not {VERSION}"
-            )
-        server_nonce = hello[len(MAGIC) + 1 :]
-        client_nonce = secrets.token_bytes(NONCE_SIZE)
-        channel = _channel(sock)
-        flags = FLAG_TLS if channel else 0
-        mac = _mac(key, b"client", server_nonce, client_nonce, flags, channel)
-        self._send(sock, MAGIC + bytes([VERSION, flags]) + client_nonce + mac, deadline)
-        try:
-            ok = self._recv(sock, MAC_SIZE, deadline, "the server's answer to the key proof")
-        except (_PeerClosed, ConnectionError, ssl.SSLError):
-            raise HandshakeError("the server refused the key proof (a different key?)") from None
-        want = _mac(key, b"server", server_nonce, client_nonce, flags, channel)
-        if not hmac.compare_digest(ok, want):
-            raise HandshakeError("the server does not know the key")
-
-    # -- I/O within the deadline ---------------------------------------------------------
-
-    def _settimeout(self, sock: Any, deadline: float, what: str) -> None:
-        remaining = deadline - self._rt.monotonic()
-        if remaining <= 0:
-            raise HandshakeError(f"{what}: not done within {self.timeout:g} s")
-        sock.settimeout(remaining)
-
-    def _send(self, sock: Any, data: bytes, deadline: float) -> None:
-        self._settimeout(sock, deadline, "sending the key handshake")
-        try:
-            sock.sendall(data)
-        except TimeoutError:
-            raise HandshakeError(f"key handshake not done within {self.timeout:g} s") from None
-
-    def _recv(self, sock: Any, size: int, deadline: float, what: str) -> bytes:
-        data = bytearray()
-        while len(data) < size:
-            self._settimeout(sock, deadline, f"waiting for {what}")
-            try:
-                chunk = sock.recv(size - len(data))
-            except TimeoutError:
-                raise HandshakeError(
-                    f"waiting for {what}: not done within {self.timeout:g} s"
-                ) from None
-            if not chunk:
-                raise _PeerClosed(f"waiting for {what}: connection closed")
-            data += chunk
-        return bytes(data)
+def describe_loss(session: Session, remote: str, index: int) -> bool:
+    """Log why the client's mux connection ``index`` ended; True if it had been healthy."""
+    why, misconfigured = describe_end(session, remote, "answered with")
+    log.warning("mux connection %d to %s lost: %s", index, remote, why)
+    return not misconfigured and session.stats()["frames_received"] > 0

@@ -8,7 +8,7 @@ Three independent locks, each optional, all checked before a mux session starts:
   certificates, authenticates the server to the client and, with a client CA
   (mutual TLS), the client to the server. TLS 1.2 at least.
 * **Shared key** (:class:`SharedKey`): a challenge and response over the
-  connection (plain TCP or TLS) before smux starts; see :mod:`.handshake`. It
+  connection (plain TCP or TLS) before smux starts; see :mod:`.guard`. It
   authenticates both ends; it does not encrypt anything.
 
 :func:`server_tls_context` and :func:`client_tls_context` build the contexts

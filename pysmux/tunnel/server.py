@@ -19,9 +19,9 @@ from typing import Any
 from ..config import Config
 from ..runtime import Runtime
 from ..session import Session
-from ..session import server as mux_server
 from ..stream import Stream
-from .handshake import Guard
+from .guard import Guard
+from .handshake import describe_end, start_session
 from .net import Address, abort_tcp, as_address, format_address, reset_and_close
 from .pipe import chunks
 from .security import Network, SharedKey, is_loopback
@@ -69,6 +69,7 @@ class MuxServer(Service):
     """
 
     _default_host = "0.0.0.0"
+    _COUNTERS = (*Service._COUNTERS, "handshake_failures")
 
     def __init__(
         self,
@@ -102,7 +103,6 @@ class MuxServer(Service):
         self._guard = Guard.build(self._rt, tls, key, handshake_timeout, server_side=True)
         # Connections in their handshakes: abort callable and deadline, by token.
         self._handshakes: dict[int, tuple[float, Callable[[], None]]] = {}
-        self._refused = 0
 
     @property
     def sessions(self) -> int:
@@ -117,7 +117,7 @@ class MuxServer(Service):
     @property
     def refused(self) -> int:
         """Connections that failed their TLS or key handshake so far."""
-        return self._refused
+        return self._counts["handshake_failures"]
 
     @property
     def authenticated(self) -> bool:
@@ -184,8 +184,7 @@ class MuxServer(Service):
         try:
             transport = self._guard.server_side(holder[0], holder.append)
         except OSError as exc:
-            with self._lock:
-                self._refused += 1
+            self._count("handshake_failures")
             reason = str(exc)
             if self._rt.monotonic() >= deadline:  # the timer cut it short
                 reason = f"handshake not done within {self._guard.timeout:g} s"
@@ -196,7 +195,7 @@ class MuxServer(Service):
         finally:
             self._end_handshake(token)
             self._untrack(abort_token)
-        if self._closed:
+        if self._closed or self._draining:
             reset_and_close(transport)
             return
         self._start_session(transport, where, spawn=False)
@@ -220,7 +219,11 @@ class MuxServer(Service):
                 self._cond.wait(None if soonest is None else max(0.0, soonest - now) + 0.01)
 
     def _start_session(self, transport: Any, where: str, spawn: bool = True) -> None:
-        session = mux_server(transport, config=self._config, runtime=self._rt)
+        try:
+            session = start_session(transport, self._config, self._rt, is_client=False)
+        except OSError as exc:
+            log.info("mux connection from %s: gone before it started: %s", where, exc)
+            return
         token = self._track_session(session)
         if token is None:
             session.close()
@@ -229,8 +232,7 @@ class MuxServer(Service):
         if not spawn:
             serve()
         elif not self._spawn(serve, f"pysmux-tunnel-session-{where}"):
-            self._untrack_session(token)
-            session.close()
+            self._end_session(token)
 
     def _serve_session(self, session: Session, token: int, where: str) -> None:
         log.info("mux connection from %s", where)
@@ -242,7 +244,12 @@ class MuxServer(Service):
                     break
                 label = f"{where}/{stream.id}"
                 if not self._reserve_conn():
-                    log.warning("stream %s refused: max_conns=%d reached", label, self._max_conns)
+                    if self._draining:
+                        log.info("stream %s refused: draining", label)
+                    else:
+                        log.warning(
+                            "stream %s refused: max_conns=%d reached", label, self._max_conns
+                        )
                     stream.close()
                     continue
                 if not self._spawn(
@@ -252,10 +259,11 @@ class MuxServer(Service):
                     self._release_conn()
                     stream.close()
         finally:
-            self._untrack_session(token)
-            session.close()
+            self._end_session(token)
             if not self._closed:
-                log.info("mux connection from %s ended: %s", where, session.error)
+                why, misconfigured = describe_end(session, where, "sent")
+                level = logging.WARNING if misconfigured else logging.INFO
+                log.log(level, "mux connection from %s ended: %s", where, why)
 
     def _serve_stream_task(self, stream: Stream, label: str) -> None:
         try:
@@ -323,11 +331,14 @@ class TunnelServer(MuxServer):
     def target(self) -> Address:
         return self._target
 
+    _COUNTERS = (*MuxServer._COUNTERS, "target_connect_failures")
+
     def _serve_stream(self, stream: Stream, label: str) -> None:
         target = format_address(self._target)
         try:
             sock = self._dial(self._target, self._connect_timeout)
         except OSError as exc:
+            self._count("target_connect_failures")
             if not self._closed:
                 log.warning("stream %s: cannot connect to target %s: %s", label, target, exc)
             return

@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import contextlib
 import errno
-import functools
 import itertools
 import logging
 import socket
@@ -29,14 +28,12 @@ from .net import (
     Net,
     as_address,
     format_address,
-    nodelay,
     reset_and_close,
-    shutdown_quietly,
 )
 from .pipe import Pipe
 from .security import Allow, Network
 
-__all__ = ["MAX_SECONDS", "Service", "check_seconds"]
+__all__ = ["MAX_SECONDS", "SESSION_GAUGES", "Service", "check_seconds"]
 
 log = logging.getLogger("pysmux.tunnel")
 
@@ -44,6 +41,9 @@ log = logging.getLogger("pysmux.tunnel")
 _CLOSE_SECONDS = 10.0
 #: Pause after a failed ``accept`` (out of file descriptors, say) before the next one.
 _ACCEPT_ERROR_PAUSE = 0.1
+
+#: What ``Session.stats()`` reports that is a level now, not a running total.
+SESSION_GAUGES = frozenset({"streams", "buffered_bytes"})
 
 _S = TypeVar("_S", bound="Service")
 _T = TypeVar("_T")
@@ -66,6 +66,13 @@ class Service:
 
     #: The host of a listen address given as ``":PORT"``.
     _default_host = ""
+    #: The tunnel's own running totals (see ``stats()``).
+    _COUNTERS: tuple[str, ...] = (
+        "connections_carried",
+        "connections_refused",
+        "connections_not_allowed",
+        "sessions_opened",
+    )
 
     def __init__(
         self,
@@ -106,6 +113,11 @@ class Service:
         self._sessions: dict[int, Session] = {}
         self._aborts: dict[int, Callable[[], None]] = {}
         self._active = 0  # carried connections (including those being set up)
+        self._draining = False
+        self._accepting = False
+        # Running totals: the tunnel's own, and those of its sessions that ended.
+        self._counts: dict[str, int] = dict.fromkeys(self._COUNTERS, 0)
+        self._ended_sessions: dict[str, int] = {}
 
     # -- public --------------------------------------------------------------------
 
@@ -131,6 +143,38 @@ class Service:
         """The session config of every mux connection (both ends must use the same version)."""
         return self._config
 
+    @property
+    def draining(self) -> bool:
+        """True once ``drain()`` began: no new connections or streams are taken."""
+        return self._draining
+
+    def stats(self) -> dict[str, int]:
+        """Everything the tunnel counts, as one dict of ints.
+
+        The sessions' counters (``Session.stats()``) summed over every mux
+        connection, those that ended included, plus the tunnel's own:
+        ``connections_carried``, ``connections_refused``,
+        ``connections_not_allowed`` (``allow``), ``sessions_opened`` (and per
+        kind: ``handshake_failures`` on a server, ``target_connect_failures``
+        on a ``TunnelServer``, ``reconnects``, ``dial_failures`` and
+        ``expired`` on a ``TunnelClient``). Levels now: ``sessions``,
+        ``connections``, ``streams``, ``buffered_bytes``, ``draining`` (0 or 1).
+        """
+        with self._lock:
+            sessions = list(self._sessions.values())
+            totals = {**self._counts}
+            for key, value in self._ended_sessions.items():
+                totals[key] = totals.get(key, 0) + value
+            totals["connections"] = self._active
+            totals["draining"] = int(self._draining)
+        totals["sessions"] = len(sessions)
+        for key in SESSION_GAUGES:
+            totals.setdefault(key, 0)
+        for session in sessions:  # outside the tunnel's lock: each takes its own
+            for key, value in session.stats().items():
+                totals[key] = totals.get(key, 0) + value
+        return totals
+
     def start(self: _S) -> _S:
         """Bind and listen, then serve in background tasks. Returns ``self``.
 
@@ -149,10 +193,54 @@ class Service:
             self._address = (str(host), int(port))
         log.info("%s listening on %s", type(self).__name__, format_address(self._address))
         self._start_tasks()
+        with self._lock:
+            self._accepting = True
         if not self._spawn(self._accept_loop, "pysmux-tunnel-accept"):
             self.close()
             raise RuntimeError("the tunnel was closed while starting, or no task could start")
         return self
+
+    def drain(self, timeout: float) -> bool:
+        """Stop taking work, let the connections carried finish, then ``close()``.
+
+        The listener closes at once (new TCP or mux connections are refused)
+        and new streams are refused; connections in flight get up to
+        ``timeout`` seconds to end by themselves, then whatever is left is
+        reset as by ``close()``. True if every connection finished in time.
+        Do not call it from a task of the tunnel.
+        """
+        rt = self._rt
+        deadline = rt.monotonic() + max(0.0, timeout)
+        with self._lock:
+            already = self._draining or self._closed
+            self._draining = True
+            self._cond.notify_all()
+            listener = self._listener
+        if listener is not None:
+            with contextlib.suppress(OSError):
+                listener.shutdown(socket.SHUT_RDWR)  # wakes accept()
+        with self._lock:
+            # The accept loop closes the listener as it ends: new connections are refused.
+            while self._accepting and rt.monotonic() < deadline:
+                self._cond.wait(deadline - rt.monotonic())
+        if not already:
+            log.info(
+                "%s draining: up to %g s for %d connection(s)",
+                type(self).__name__,
+                timeout,
+                self._active,
+            )
+        with self._lock:
+            while self._active and not self._closed:
+                remaining = deadline - rt.monotonic()
+                if remaining <= 0:
+                    break
+                self._cond.wait(remaining)
+            left = self._active
+        if left:
+            log.warning("%s: drain timeout: resetting %d connection(s)", type(self).__name__, left)
+        self.close()
+        return not left
 
     def close(self) -> None:
         """Stop listening, end every mux session and connection, join every task.
@@ -272,8 +360,13 @@ class Service:
             self._aborts.pop(token, None)
 
     def _track_session(self, session: Session) -> int | None:
-        """Have ``close()`` close ``session`` (before any abort); None if already closed."""
-        return self._register(self._sessions, session)
+        """Have ``close()`` close ``session`` (before any abort); None if already closed.
+
+        ``_end_session`` ends it and keeps its counters."""
+        token = self._register(self._sessions, session)
+        if token is not None:
+            self._count("sessions_opened")
+        return token
 
     def _register(self, table: dict[int, _T], item: _T) -> int | None:
         with self._lock:
@@ -283,17 +376,34 @@ class Service:
             table[token] = item
             return token
 
-    def _untrack_session(self, token: int) -> None:
+    def _end_session(self, token: int) -> None:
+        """Close a tracked session and keep its counters for ``stats()``."""
         with self._lock:
-            self._sessions.pop(token, None)
+            session = self._sessions.get(token)
+        if session is None:
+            return
+        session.close()
+        counts = session.stats()
+        with self._lock:
+            if self._sessions.pop(token, None) is not None:
+                ended = self._ended_sessions
+                for key, value in counts.items():
+                    if key not in SESSION_GAUGES:
+                        ended[key] = ended.get(key, 0) + value
             self._cond.notify_all()
 
-    def _reserve_conn(self) -> bool:
-        """Count one more carried connection, unless ``max_conns`` are carried."""
+    def _count(self, key: str, amount: int = 1) -> None:
         with self._lock:
-            if self._active >= self._max_conns:
+            self._counts[key] += amount
+
+    def _reserve_conn(self) -> bool:
+        """Count one more carried connection, unless ``max_conns`` are carried or draining."""
+        with self._lock:
+            if self._active >= self._max_conns or self._draining:
+                self._counts["connections_refused"] += 1
                 return False
             self._active += 1
+            self._counts["connections_carried"] += 1
             return True
 
     def _release_conn(self) -> None:
@@ -321,12 +431,22 @@ class Service:
         raise last
 
     def _accept_loop(self) -> None:
+        try:
+            self._accept_all()
+        finally:
+            if self._draining:
+                self._listener.close()
+            with self._lock:
+                self._accepting = False
+                self._cond.notify_all()
+
+    def _accept_all(self) -> None:
         listener = self._listener
         while True:
             try:
                 sock, peer = listener.accept()
             except OSError as exc:
-                if self._closed:
+                if self._closed or self._draining:
                     return
                 if exc.errno not in TRANSIENT_ACCEPT_ERRORS:
                     # EMFILE and friends: the process is short of something; the
@@ -336,8 +456,13 @@ class Service:
                         return
                 continue
             sock.settimeout(None)
+            if self._draining:  # accepted just before the listener shut
+                self._count("connections_refused")
+                reset_and_close(sock)
+                return
             if self._allow is not None and not self._allow.admits(peer):
                 log.warning("connection from %s refused: address not allowed", format_address(peer))
+                self._count("connections_not_allowed")
                 reset_and_close(sock)
                 continue
             try:
@@ -348,31 +473,7 @@ class Service:
 
     def _dial(self, addr: Address, timeout: float) -> Any:
         """A TCP connection to ``addr`` within ``timeout`` seconds; ``close()`` interrupts it."""
-        last: OSError | None = None
-        for family, sockaddr in self._net.resolve(addr, passive=False):
-            sock = self._net.socket(family)
-            token = self._track(functools.partial(shutdown_quietly, sock))
-            if token is None:
-                sock.close()
-                raise ConnectionAbortedError(errno.ECONNABORTED, "the tunnel is closed")
-            try:
-                sock.settimeout(timeout)
-                sock.connect(sockaddr)
-                sock.settimeout(None)
-            except OSError as exc:
-                self._untrack(token)
-                sock.close()
-                last = exc
-                continue
-            self._untrack(token)
-            if self._closed:  # a shutdown() can let connect() return without an error
-                sock.close()
-                raise ConnectionAbortedError(errno.ECONNABORTED, "the tunnel is closed")
-            nodelay(sock)
-            return sock
-        if last is None:  # pragma: no cover
-            last = OSError(errno.EADDRNOTAVAIL, f"no address for {format_address(addr)}")
-        raise last
+        return self._net.connect(addr, timeout, self._track, self._untrack, lambda: self._closed)
 
     def _carry(self, sock: Any, stream: Stream, label: str) -> None:
         """Copy between ``sock`` and ``stream`` until both are done (or aborted)."""
