@@ -117,6 +117,8 @@ class Runtime(Protocol):
 
     def write_waiter(self, sock: Any) -> WriteWaiter | None: ...
 
+    def yield_now(self) -> None: ...
+
 
 def _plain(sock: Any) -> bool:
     # TLS records cannot be written with MSG_DONTWAIT (stdlib and gevent TLS
@@ -155,6 +157,12 @@ class ThreadRuntime:
     def socket_module(self) -> Any:
         """Where sockets that this runtime can wait on come from."""
         return socket
+
+    def yield_now(self) -> None:
+        """Let other tasks run. OS threads are preempted; patched threads are
+        greenlets and must yield (the patched ``time.sleep`` does)."""
+        if gevent_patched():
+            time.sleep(0)
 
     def write_waiter(self, sock: Any) -> WriteWaiter | None:
         """How to wait for room in ``sock``'s send buffer, when it is a plain socket."""
@@ -286,6 +294,10 @@ class GeventRuntime:
     def socket_module(self) -> Any:
         """Cooperative sockets: a plain one would block the hub."""
         return self._gsocket
+
+    def yield_now(self) -> None:
+        """Let the other greenlets run (a socket with data waiting never yields)."""
+        self._gevent.sleep(0)
 
     def write_waiter(self, sock: Any) -> WriteWaiter | None:
         """How to wait cooperatively for room in ``sock``'s send buffer."""

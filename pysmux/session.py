@@ -105,6 +105,9 @@ _CLOSE_FLUSH_SECONDS = 0.5
 #: How long close() waits for the session's own tasks to end.
 _JOIN_SECONDS = 5.0
 
+#: Frames the reader task handles between two chances for other tasks to run:
+#: a flood of tiny frames must not keep gevent's hub for long.
+_FRAMES_PER_SLICE = 1024
 #: How long the writer task blocks in one transport write before it looks at
 #: the keepalive clock again.
 _WRITER_SLICE = 1.0
@@ -172,6 +175,7 @@ class Session:
         self._rbuf = bytearray(_READ_BUFFER)
         self._rview = memoryview(self._rbuf)
         self._rstart = self._rend = 0
+        self._more_frames = False  # the reader task handled only part of what it read
         self._direct_reads = (
             rt.direct_reads()
             and isinstance(sock, socket.socket)
@@ -902,13 +906,16 @@ class Session:
                 with lock:
                     try:
                         if not self._closed:
-                            self._absorb()
+                            self._absorb(_FRAMES_PER_SLICE)
                         if self._handed_off:
                             # The woken reader will likely read the next frame itself.
                             self._handed_off = False
                             self._reader_active = self._runtime.monotonic()
                     finally:
                         self._end_read_turn()
+            # A peer that never stops sending must not starve the other
+            # greenlets: on gevent a read with data waiting never yields.
+            self._runtime.yield_now()
 
     def _take_read_turn(self) -> bool:
         """Wait until the reader task should read; False once the session is closed.
@@ -970,6 +977,8 @@ class Session:
         A stream reader (``lead``) polls with its deadline and the wake-up fd,
         so that a timeout or a local close interrupts it; the reader task blocks.
         """
+        if self._more_frames:
+            return  # complete frames wait in the buffer: handle them first
         buf = self._rbuf
         start, end = self._rstart, self._rend
         if len(buf) - end < _MAX_FRAME:
@@ -1008,10 +1017,14 @@ class Session:
         self._last_rx = self._runtime.monotonic()
         self._bytes_received += count  # one writer: whoever holds the read turn
 
-    def _absorb(self) -> None:
-        """Handle the complete frames in the read buffer (read turn and lock held)."""
+    def _absorb(self, limit: int = 0) -> None:
+        """Handle the complete frames in the read buffer (read turn and lock held).
+
+        With a ``limit``, at most that many: the rest wait in the buffer
+        (``_more_frames``) and are handled before the transport is read again.
+        """
         view, end = self._rview, self._rend
-        start = self._dispatch(view, self._rstart, end)
+        start = self._dispatch(view, self._rstart, end, limit)
         if self._syn_stalled:
             start = self._wait_for_accept(view, start, end)
         if start == end:
@@ -1075,12 +1088,19 @@ class Session:
             finally:
                 self._lock.acquire()
 
-    def _dispatch(self, view: memoryview, start: int, end: int) -> int:
-        """Handle every complete frame in ``view[start:end]``; return where the rest begins."""
+    def _dispatch(self, view: memoryview, start: int, end: int, limit: int = 0) -> int:
+        """Handle the complete frames in ``view[start:end]`` (all, or up to ``limit``
+        of them); return where the rest begins."""
         unpack = HEADER.unpack_from
         version = self._version
         handlers = self._handlers
+        self._more_frames = False
+        count = 0
         while end - start >= HEADER_SIZE:
+            if limit and count == limit:
+                self._more_frames = True
+                break
+            count += 1
             ver, cmd, length, stream_id = unpack(view, start)
             if ver != version:
                 error = ProtocolError(
