@@ -2,8 +2,8 @@
 
 ::
 
-    pysmux server -l 0.0.0.0:4000 -t 127.0.0.1:8080   # mux connections in, each stream to -t
-    pysmux client -l 127.0.0.1:9000 -r server:4000     # TCP in, each connection a stream to -r
+    pysmux server -l 0.0.0.0:4000 -t 127.0.0.1:8080 --key-file KEY   # mux connections in,
+    pysmux client -l 127.0.0.1:9000 -r server:4000 --key-file KEY    # each stream to -t
     pysmux echo   -l 127.0.0.1:4000                    # mux connections in, every stream echoed
 
 ``python -m pysmux`` is the same program. The command prints one line,
@@ -12,7 +12,8 @@ port 0 was asked for), and ``metrics on HOST:PORT`` with ``--metrics``; it
 logs to stderr. On SIGTERM or SIGINT it stops taking connections, lets those
 in flight finish (``--drain-timeout``), then exits with status 0; a second
 signal exits at once. SIGUSR1 logs its figures. Status 1: it could not start
-(address in use, ...); 2: bad arguments. The work is done by
+(address in use, ...); 2: bad arguments, or a listener beyond loopback that
+would let anyone in (see :mod:`pysmux.cli_security`). The work is done by
 :mod:`pysmux.tunnel`, the process side by :mod:`pysmux.runner`; this module
 parses flags.
 """
@@ -28,6 +29,13 @@ from collections.abc import Callable, Sequence
 from typing import Any, NamedTuple
 
 from . import __version__
+from .cli_security import (
+    CLIENT,
+    SERVER,
+    add_security_options,
+    describe_security,
+    security_from_args,
+)
 from .config import Config
 from .metrics import MetricsServer
 from .runner import ProcessSignals, StatsLog, log_stats
@@ -311,6 +319,7 @@ def _build_parsers() -> tuple[argparse.ArgumentParser, dict[str, argparse.Argume
     _add_address(srv, _LISTEN, "where mux connections come in", "0.0.0.0:29900")
     _add_address(srv, ("-t", "--target", "--targetaddr"), "where each stream goes, HOST:PORT", None)
     _add_tunnel_options(srv, "for connecting to the target")
+    add_security_options(srv, SERVER, _positive_seconds)
 
     cli = _command(sub, "client", "Accept TCP connections; carry each as a stream to a server.")
     _add_address(cli, _LISTEN, "where TCP connections come in", "127.0.0.1:12948")
@@ -345,14 +354,18 @@ def _build_parsers() -> tuple[argparse.ArgumentParser, dict[str, argparse.Argume
         cli,
         "for dialling the server, and how long a new TCP connection waits for a mux connection",
     )
+    add_security_options(cli, CLIENT, _positive_seconds)
 
     echo = _command(sub, "echo", "Accept mux connections; echo every stream (for trying clients).")
     _add_address(echo, _LISTEN, "where mux connections come in", "127.0.0.1:29900")
     _add_tunnel_options(echo, None)
+    add_security_options(echo, SERVER, _positive_seconds)
     return parser, dict(sub.choices)
 
 
-def _service(args: argparse.Namespace, config: Config) -> TunnelServer | TunnelClient | EchoServer:
+def _service(
+    args: argparse.Namespace, config: Config, security: dict[str, Any]
+) -> TunnelServer | TunnelClient | EchoServer:
     if args.command == "server":
         return TunnelServer(
             args.listen,
@@ -361,6 +374,7 @@ def _service(args: argparse.Namespace, config: Config) -> TunnelServer | TunnelC
             runtime=args.runtime,
             connect_timeout=args.connect_timeout,
             max_conns=args.max_conns,
+            **security,
         )
     if args.command == "client":
         return TunnelClient(
@@ -373,8 +387,11 @@ def _service(args: argparse.Namespace, config: Config) -> TunnelServer | TunnelC
             max_conns=args.max_conns,
             autoexpire=args.autoexpire or None,
             scavenge_ttl=args.scavengettl,
+            **security,
         )
-    return EchoServer(args.listen, config=config, runtime=args.runtime, max_conns=args.max_conns)
+    return EchoServer(
+        args.listen, config=config, runtime=args.runtime, max_conns=args.max_conns, **security
+    )
 
 
 class _FlagNames(logging.Filter):
@@ -416,32 +433,11 @@ def _start(service: Service, announce: str, where: str) -> bool:
     return True
 
 
-def _apply_config_file(argv: list[str], commands: dict[str, argparse.ArgumentParser]) -> list[str]:
-    """Make ``-c FILE``'s settings the subcommand's defaults (before parsing: a required
-    address may come from the file); the warnings to log. Bad values exit with status 2."""
-    name = next((a for a in argv if not a.startswith("-")), None)
-    command = commands.get(name or "")
-    if command is None:
-        return []
-    path = None
-    for i, arg in enumerate(argv):
-        if arg in ("-c", "--config") and i + 1 < len(argv):
-            path = argv[i + 1]
-        elif arg.startswith("--config="):
-            path = arg.partition("=")[2]
-    if path is None:
-        return []
-    try:
-        return configfile.apply(command, path)
-    except (OSError, ValueError) as exc:
-        command.error(str(exc))
-
-
 def main(argv: Sequence[str] | None = None) -> int:
     """Run the ``pysmux`` command; returns the exit status."""
     parser, commands = _build_parsers()
     argv = list(sys.argv[1:] if argv is None else argv)
-    notes = _apply_config_file(argv, commands)
+    notes = configfile.apply_argv(argv, commands)
     args = parser.parse_args(argv)
     command = commands[args.command]  # its usage goes with every error below
     _setup_logging(args)
@@ -457,7 +453,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         except ImportError:
             command.error("--runtime gevent needs gevent: pip install 'pysmux[gevent]'")
     try:
-        service = _service(args, config)
+        security = security_from_args(args, CLIENT if args.command == "client" else SERVER)
+        service = _service(args, config, security)
     except ValueError as exc:
         command.error(str(exc))
     # Before listening: a signal from now on is graceful.
@@ -467,6 +464,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         if not _start(service, "listening", args.listen):
             return 1
+        log.info("mux connections: %s", describe_security(security))
         if args.metrics is not None:
             metrics = MetricsServer(args.metrics, service.stats, args.command, runtime=args.runtime)
             if not _start(metrics, "metrics", args.metrics):

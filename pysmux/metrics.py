@@ -53,6 +53,16 @@ METRICS = (
         "counter",
         "Connections or streams refused (max_conns reached, or draining).",
     ),
+    Metric(
+        "connections_not_allowed",
+        "counter",
+        "Connections closed at accept: their address is not in --allow.",
+    ),
+    Metric(
+        "handshake_failures",
+        "counter",
+        "Mux connections refused: they failed TLS or the key handshake.",
+    ),
     Metric("target_connect_failures", "counter", "Streams whose target could not be reached."),
     Metric("reconnects", "counter", "Mux connections dialled again after one was lost."),
     Metric("dial_failures", "counter", "Failed attempts to dial the server."),

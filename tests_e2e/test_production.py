@@ -491,8 +491,9 @@ def test_cli_kcptun_config_file(
 ) -> None:
     """A kcptun user runs ``pysmux server -c server.json`` and ``pysmux client -c
     client.json`` with their existing configs: addresses, conn, smuxver and the smux buffers
-    come from the files, a flag on the command line wins over the file (``--conn 1``), every
-    KCP or cipher key is ignored with one warning saying why, an unknown key is warned
+    come from the files, a flag on the command line wins over the file (``--conn 1``),
+    kcptun's pre-shared ``key`` becomes the shared key of both ends (and shows in no log),
+    every KCP or cipher key is ignored with one warning saying why, an unknown key is warned
     about, and connections go through."""
     echo = target()
     server_json = tmp_path / "server.json"
@@ -502,15 +503,16 @@ def test_cli_kcptun_config_file(
     }))  # fmt: skip
     server = cli("server", "-c", str(server_json))
     saddr = server.address()
-    for key in ("crypt", "key", "mode", "mtu"):
+    for key in ("crypt", "mode", "mtu"):
         lines = [line for line in server.err if f"'{key}' ignored: pysmux carries smux" in line]
         assert len(lines) == 1, server.describe()
+    server.wait_lines(r"mux connections: plain TCP, shared key", stderr=True)
     client_json = tmp_path / "client.json"
     client_json.write_text(json.dumps({
         "localaddr": "127.0.0.1:0", "remoteaddr": addr_arg(saddr), "conn": 3, "smuxver": 2,
         "smuxbuf": 4194304, "streambuf": 1048576, "keepalive": 5, "autoexpire": 0,
         "scavengettl": 60, "sndwnd": 1024, "datashard": 10, "parityshard": 3,
-        "nocomp": True, "dscp": 0, "frobnicate": 1,
+        "nocomp": True, "dscp": 0, "frobnicate": 1, "key": "it's a secret",
     }))  # fmt: skip
     client = cli("client", "-c", str(client_json), "--conn", "1")
     caddr = client.address()
@@ -521,6 +523,7 @@ def test_cli_kcptun_config_file(
     for end in (client, server):
         end.send_signal(signal.SIGTERM)
         assert end.wait(10) == 0, end.describe()
+        assert not [line for line in end.err if "secret" in line], end.describe()
 
 
 @CHILD

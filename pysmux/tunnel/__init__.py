@@ -4,11 +4,11 @@
 
     TCP clients --> TunnelClient ==(N mux connections)==> TunnelServer --> target
                     (listen)        one stream per TCP                    (one TCP per
-                                    connection, round-robin               stream)
+                                    connection, least loaded first        stream)
 
 * :class:`TunnelClient` accepts TCP connections on its listen address and
   carries each as one stream over ``conn`` mux connections to the remote
-  address, picked round-robin. A mux connection that dies is dialled again with
+  address, each on the one carrying the fewest. A mux connection that dies is dialled again with
   exponential backoff; a TCP connection that arrives while none is up waits for
   one (up to ``connect_timeout``).
 * :class:`TunnelServer` accepts mux connections and forwards every stream as a
@@ -17,7 +17,7 @@
 * :class:`EchoServer` accepts mux connections and echoes every stream (for
   tests and benchmarks).
 
-The mux connections are plain TCP (kcptun runs smux over KCP/UDP instead), so
+The mux connections are plain TCP or TLS (kcptun runs smux over KCP/UDP instead), so
 both ends speak the smux wire protocol of Go's ``xtaci/smux`` over TCP; either
 end can be a Go program that does the same. Both ends must use the same
 ``Config.version``.
@@ -59,20 +59,37 @@ The package's modules, one role each (import the names above from
 * ``service``: the listener, task tracking and ``close()`` both ends share;
 * ``server``: :class:`TunnelServer` and :class:`EchoServer` on their shared
   mux-server base;
-* ``client``: :class:`TunnelClient` and its re-dialled mux connections.
+* ``client``: :class:`TunnelClient` and its re-dialled mux connections;
+* ``security``: the source filter, TLS contexts and the shared key;
+* ``guard``: TLS and the key handshake on a new mux connection, before smux starts;
+* ``handshake``: the NOP hello that starts every mux session, and the words for
+  why one ended;
+* ``configfile``: kcptun-style JSON config files (``-c FILE``).
+
+Security (README, "Security"; ``docs/design.md`` 10.1): ``allow=`` filters
+sources at accept, ``tls=`` (an ``ssl.SSLContext``) encrypts the mux
+connections and, with certificates, authenticates the ends, and ``key=`` makes
+every client prove it holds a shared secret before smux starts (it
+authenticates; only TLS encrypts).
 """
 
 from __future__ import annotations
 
 from .client import TunnelClient
+from .guard import HandshakeError
 from .net import Address, format_address, parse_address
+from .security import SharedKey, client_tls_context, server_tls_context
 from .server import EchoServer, TunnelServer
 
 __all__ = [
     "Address",
     "EchoServer",
+    "HandshakeError",
+    "SharedKey",
     "TunnelClient",
     "TunnelServer",
+    "client_tls_context",
     "format_address",
     "parse_address",
+    "server_tls_context",
 ]

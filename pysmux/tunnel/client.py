@@ -10,14 +10,18 @@ from __future__ import annotations
 
 import functools
 import logging
+import ssl
+from collections.abc import Iterable
 from typing import Any
 
 from ..config import Config
 from ..runtime import Runtime
 from ..session import Session
 from ..stream import Stream
+from .guard import Guard
 from .handshake import describe_loss, start_session
-from .net import Address, as_address, format_address, nodelay, reset_and_close
+from .net import Address, abort_tcp, as_address, format_address, nodelay, reset_and_close
+from .security import Network, SharedKey, is_loopback
 from .service import Service, check_seconds
 
 __all__ = ["Link", "Mux", "TunnelClient"]
@@ -70,6 +74,20 @@ class TunnelClient(Service):
     ``listen`` and ``remote`` are ``"host:port"`` strings (``":port"`` listens
     on 127.0.0.1) or ``(host, port)`` tuples. ``config`` must match the
     server's (same version).
+
+    Security (README, "Security"), each as the server has it:
+
+    * ``tls``: an ``ssl.SSLContext`` for the client side (see
+      :func:`client_tls_context`); the server's certificate is checked for
+      ``server_hostname`` (default: the host of ``remote``). A context that
+      verifies nothing logs a warning at every ``start()``.
+    * ``key``: the server's shared secret; the client proves it knows it, and
+      checks that the server does too, before any stream is carried.
+    * ``handshake_timeout``: seconds for the TLS and key handshakes together;
+      a failed handshake counts as a failed dial (logged, retried with backoff).
+    * ``allow``: networks TCP connections may come from (others are closed at
+      accept). Listening beyond loopback without it logs a warning: anyone who
+      reaches ``listen`` reaches the server's target.
     """
 
     _default_host = "127.0.0.1"
@@ -88,12 +106,23 @@ class TunnelClient(Service):
         backoff_max: float = 5.0,
         max_conns: int = 4096,
         backlog: int = 128,
+        allow: Iterable[str | Network] | None = None,
+        tls: ssl.SSLContext | None = None,
+        server_hostname: str | None = None,
+        key: SharedKey | bytes | str | None = None,
+        handshake_timeout: float = 10.0,
         autoexpire: float | None = None,
         scavenge_ttl: float = 600.0,
     ) -> None:
         super().__init__(
-            listen, config=config, runtime=runtime, max_conns=max_conns, backlog=backlog
+            listen,
+            config=config,
+            runtime=runtime,
+            max_conns=max_conns,
+            backlog=backlog,
+            allow=allow,
         )
+        self._guard = Guard.build(self._rt, tls, key, handshake_timeout, server_side=False)
         self._connect_timeout = check_seconds("connect_timeout", connect_timeout)
         self._remote = as_address(remote, "remote")
         if not self._remote[0] or not self._remote[1]:
@@ -107,6 +136,7 @@ class TunnelClient(Service):
                 "need 0 < backoff_initial <= backoff_max"
             )
         self._backoff_initial = float(backoff_initial)
+        self._server_hostname = server_hostname or self._remote[0]
         self._autoexpire = None if autoexpire is None else check_seconds("autoexpire", autoexpire)
         self._scavenge_ttl = check_seconds("scavenge_ttl", scavenge_ttl)
         self._links = [Link(i + 1) for i in range(conn)]
@@ -158,6 +188,19 @@ class TunnelClient(Service):
         return sum(1 for ln in self._links if ln.mux is not None and not ln.mux.session.closed)
 
     def _start_tasks(self) -> None:
+        tls = self._guard.tls
+        if tls is not None and tls.verify_mode == ssl.CERT_NONE:
+            log.warning(
+                "TLS without verifying the server's certificate: anyone in the path to %s "
+                "can pose as the server and read the traffic",
+                format_address(self._remote),
+            )
+        if self._allow is None and not is_loopback(self.address[0]):
+            log.warning(
+                "listening on %s without allow: anyone who can reach it can reach %s's target",
+                format_address(self.address),
+                format_address(self._remote),
+            )
         for link in self._links:
             self._spawn(functools.partial(self._maintain, link), f"pysmux-tunnel-link-{link.index}")
 
@@ -171,8 +214,8 @@ class TunnelClient(Service):
         lost_one = False
         while not self._closed:
             try:
-                sock = self._dial(self._remote, self._connect_timeout)
-                session = start_session(sock, self._config, rt, is_client=True)
+                transport = self._secure(self._dial(self._remote, self._connect_timeout))
+                session = start_session(transport, self._config, rt, is_client=True)
             except OSError as exc:
                 if self._closed:
                     return
@@ -219,6 +262,23 @@ class TunnelClient(Service):
             if self._pause(backoff):
                 return
             backoff = min(backoff * 2, self._backoff_max)
+
+    def _secure(self, sock: Any) -> Any:
+        """TLS and the key handshake on a new connection; ``close()`` interrupts them."""
+        if self._guard.trivial:
+            return sock
+        holder = [sock]
+        token = self._track(lambda: abort_tcp(holder[-1], sending=True))
+        try:
+            if token is None:
+                raise ConnectionAbortedError("the tunnel is closed")
+            return self._guard.client_side(sock, self._server_hostname, holder.append)
+        except BaseException:
+            reset_and_close(holder[-1])
+            raise
+        finally:
+            if token is not None:
+                self._untrack(token)
 
     def _until_dead(self, session: Session, began: float) -> bool:
         """Block until ``session`` ends (False) or reaches ``autoexpire`` (True).

@@ -3,9 +3,12 @@
 smux has no handshake, so a peer of another protocol version, or a port that
 does not speak smux at all, shows only when its first frame arrives. Both
 ends of the tunnel therefore write one NOP frame (legal at any time, ignored
-by every smux peer, Go's included) as soon as the TCP connection is up: each
-end then reads the other's version within a round trip, instead of when the
-first stream is opened, and both can explain a mismatch.
+by every smux peer, Go's included) as soon as the connection is ready for
+smux (over TLS and after the key handshake of :mod:`.guard`, when the tunnel
+has them): each end then reads the other's version within a round trip,
+instead of when the first stream is opened, and both can explain a mismatch.
+A peer whose first bytes are a key handshake is told apart from one that
+does not speak smux: only the key is missing.
 """
 
 from __future__ import annotations
@@ -20,6 +23,7 @@ from ..runtime import Runtime
 from ..session import Session
 from ..session import client as mux_client
 from ..session import server as mux_server
+from .guard import MAGIC as KEY_MAGIC
 
 __all__ = ["describe_bytes", "describe_end", "describe_loss", "start_session"]
 
@@ -27,7 +31,7 @@ log = logging.getLogger("pysmux.tunnel")
 
 
 def start_session(sock: Any, config: Config, rt: Runtime, *, is_client: bool) -> Session:
-    """Write the NOP hello on a fresh TCP connection, then start its session.
+    """Write the NOP hello on a connection ready for smux, then start its session.
 
     ``OSError`` (the socket is closed) if the hello cannot be written.
     """
@@ -68,6 +72,8 @@ def describe_end(session: Session, peer: str, answered: str) -> tuple[str, bool]
     received_frames = session.stats()["frames_received"]
     if isinstance(error, ProtocolError) and error.received and not received_frames:
         data = error.received
+        if data.startswith(KEY_MAGIC):
+            return f"{peer} began a key handshake: give this end the same key", True
         if len(data) >= 2 and data[0] in (1, 2) and data[1] in CMD_NAMES:
             return (
                 f"{peer} speaks smux version {data[0]}, this end version "

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import errno
+import functools
 import ipaddress
 import socket
 import struct
@@ -103,6 +104,46 @@ class Net:
         flags = socket.AI_PASSIVE if passive else 0
         infos = self._module.getaddrinfo(host, port, 0, socket.SOCK_STREAM, 0, flags)
         return [(info[0], info[4]) for info in infos]
+
+    def connect(
+        self,
+        addr: Address,
+        timeout: float,
+        track: Callable[[Callable[[], None]], int | None],
+        untrack: Callable[[int], None],
+        closed: Callable[[], bool],
+    ) -> Any:
+        """A TCP connection to ``addr`` within ``timeout`` seconds, trying each address.
+
+        While it connects, the socket's shutdown is registered with ``track`` (which
+        returns None once the owner is closed) so that the owner's close interrupts it;
+        ``ConnectionAbortedError`` once ``closed()``.
+        """
+        last: OSError | None = None
+        for family, sockaddr in self.resolve(addr, passive=False):
+            sock = self.socket(family)
+            token = track(functools.partial(shutdown_quietly, sock))
+            if token is None:
+                sock.close()
+                raise ConnectionAbortedError(errno.ECONNABORTED, "the tunnel is closed")
+            try:
+                sock.settimeout(timeout)
+                sock.connect(sockaddr)
+                sock.settimeout(None)
+            except OSError as exc:
+                untrack(token)
+                sock.close()
+                last = exc
+                continue
+            untrack(token)
+            if closed():  # a shutdown() can let connect() return without an error
+                sock.close()
+                raise ConnectionAbortedError(errno.ECONNABORTED, "the tunnel is closed")
+            nodelay(sock)
+            return sock
+        if last is None:  # pragma: no cover
+            last = OSError(errno.EADDRNOTAVAIL, f"no address for {format_address(addr)}")
+        raise last
 
 
 def nodelay(sock: Any) -> None:

@@ -12,11 +12,10 @@ from __future__ import annotations
 
 import contextlib
 import errno
-import functools
 import itertools
 import logging
 import socket
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from typing import Any, TypeVar
 
 from ..config import Config
@@ -29,11 +28,10 @@ from .net import (
     Net,
     as_address,
     format_address,
-    nodelay,
     reset_and_close,
-    shutdown_quietly,
 )
 from .pipe import Pipe
+from .security import Allow, Network
 
 __all__ = ["MAX_SECONDS", "SESSION_GAUGES", "Service", "check_seconds"]
 
@@ -69,7 +67,12 @@ class Service:
     #: The host of a listen address given as ``":PORT"``.
     _default_host = ""
     #: The tunnel's own running totals (see ``stats()``).
-    _COUNTERS: tuple[str, ...] = ("connections_carried", "connections_refused", "sessions_opened")
+    _COUNTERS: tuple[str, ...] = (
+        "connections_carried",
+        "connections_refused",
+        "connections_not_allowed",
+        "sessions_opened",
+    )
 
     def __init__(
         self,
@@ -79,6 +82,7 @@ class Service:
         runtime: str | Runtime | None,
         max_conns: int,
         backlog: int,
+        allow: Iterable[str | Network] | None = None,
     ) -> None:
         self._listen_addr = as_address(listen, "listen", self._default_host)
         if config is None:
@@ -92,6 +96,7 @@ class Service:
             raise ValueError(f"backlog={backlog!r}: must be an int > 0")
         self._max_conns = max_conns
         self._backlog = backlog
+        self._allow = None if allow is None else Allow(allow)
         self._rt = rt = get_runtime(runtime)
         self._net = Net(rt)
         self._lock = rt.lock()
@@ -148,9 +153,11 @@ class Service:
 
         The sessions' counters (``Session.stats()``) summed over every mux
         connection, those that ended included, plus the tunnel's own:
-        ``connections_carried``, ``connections_refused``, ``sessions_opened``
-        (and per kind: ``target_connect_failures`` on a ``TunnelServer``,
-        ``reconnects`` on a ``TunnelClient``). Levels now: ``sessions``,
+        ``connections_carried``, ``connections_refused``,
+        ``connections_not_allowed`` (``allow``), ``sessions_opened`` (and per
+        kind: ``handshake_failures`` on a server, ``target_connect_failures``
+        on a ``TunnelServer``, ``reconnects``, ``dial_failures`` and
+        ``expired`` on a ``TunnelClient``). Levels now: ``sessions``,
         ``connections``, ``streams``, ``buffered_bytes``, ``draining`` (0 or 1).
         """
         with self._lock:
@@ -453,6 +460,11 @@ class Service:
                 self._count("connections_refused")
                 reset_and_close(sock)
                 return
+            if self._allow is not None and not self._allow.admits(peer):
+                log.warning("connection from %s refused: address not allowed", format_address(peer))
+                self._count("connections_not_allowed")
+                reset_and_close(sock)
+                continue
             try:
                 self._accepted(sock, peer)
             except Exception:  # a bug; one connection must not end the accept loop
@@ -461,31 +473,7 @@ class Service:
 
     def _dial(self, addr: Address, timeout: float) -> Any:
         """A TCP connection to ``addr`` within ``timeout`` seconds; ``close()`` interrupts it."""
-        last: OSError | None = None
-        for family, sockaddr in self._net.resolve(addr, passive=False):
-            sock = self._net.socket(family)
-            token = self._track(functools.partial(shutdown_quietly, sock))
-            if token is None:
-                sock.close()
-                raise ConnectionAbortedError(errno.ECONNABORTED, "the tunnel is closed")
-            try:
-                sock.settimeout(timeout)
-                sock.connect(sockaddr)
-                sock.settimeout(None)
-            except OSError as exc:
-                self._untrack(token)
-                sock.close()
-                last = exc
-                continue
-            self._untrack(token)
-            if self._closed:  # a shutdown() can let connect() return without an error
-                sock.close()
-                raise ConnectionAbortedError(errno.ECONNABORTED, "the tunnel is closed")
-            nodelay(sock)
-            return sock
-        if last is None:  # pragma: no cover
-            last = OSError(errno.EADDRNOTAVAIL, f"no address for {format_address(addr)}")
-        raise last
+        return self._net.connect(addr, timeout, self._track, self._untrack, lambda: self._closed)
 
     def _carry(self, sock: Any, stream: Stream, label: str) -> None:
         """Copy between ``sock`` and ``stream`` until both are done (or aborted)."""
