@@ -20,10 +20,10 @@ on the gevent runtime) and offers what a session uses of a transport:
   ``read_error``: ``(call_index, exception)``), or every write from a call
   to ``fail_writes()`` on (the peer went away);
 * stall every write (``stall_writes``, or from a call to ``stall()`` on):
-  the peer reads nothing and the socket buffers are full; or hold every read
-  from a call to ``hold_reads()`` on (a slow reader). A stalled call returns
-  only when the socket is shut down or closed: a stalled write then fails, as
-  a blocked ``send`` does, and a held read goes on.
+  the peer reads nothing and the socket buffers are full. A stalled write
+  fails once the socket is shut down or closed, as a blocked ``send`` does;
+* hold what reads get from a call to ``hold_reads()`` on, until
+  ``release_reads()`` or the socket's shutdown or close (a slow reader).
 
 It records what it really moved: ``written`` (bytes that reached the wrapped
 socket, so the far end) and ``delivered`` (bytes handed to the session).
@@ -123,6 +123,7 @@ class FaultySocket:
         self._holding = False
         self._failing = False
         self._ended = current().Event()  # set once shut down or closed
+        self._released = current().Event()  # set by release_reads(), or as _ended
         if sendmsg == "yes":
             self.sendmsg = self._sendmsg
         elif sendmsg == "unsupported":  # as TLS sockets: the session falls back to sendall
@@ -149,8 +150,6 @@ class FaultySocket:
         self.read_calls += 1
         if self.read_error is not None and self.read_calls == self.read_error[0]:
             raise self.read_error[1]
-        if self._holding:
-            self._ended.wait()
         if self.broken:
             return self._dead_read()
         if self.read_sizes is not None:
@@ -162,6 +161,8 @@ class FaultySocket:
                 return self._dead_read()
             size = min(size, left)
         count = int(self.inner.recv_into(view[:size], size, flags))
+        if self._holding:  # read from the socket, but not handed over yet
+            self._released.wait()
         if count == 0 and self.broken:
             return self._dead_read()
         self.delivered += view[:count]
@@ -251,8 +252,12 @@ class FaultySocket:
         self._stalling = True
 
     def hold_reads(self) -> None:
-        """From now on, reads wait until the socket is shut down or closed (a slow reader)."""
+        """From now on, what a read gets is handed over only after
+        ``release_reads()``, or once the socket is shut down or closed (a slow reader)."""
         self._holding = True
+
+    def release_reads(self) -> None:
+        self._released.set()
 
     def fail_writes(self) -> None:
         """From now on, writes raise ``BrokenPipeError`` (the peer went away)."""
@@ -260,6 +265,7 @@ class FaultySocket:
 
     def _end(self) -> None:
         self._ended.set()
+        self._released.set()
 
 
 def session_runtime(name: str) -> Any:
