@@ -8,14 +8,17 @@ states them) says what each input must do: end the session with a
 ProtocolError, or be handled, delivering which streams with which data and
 which FINs. Whatever the input, the session never raises anything else, never
 hangs, logs no error, holds no more unread data than its budget (plus one read
-of the transport), and writes only well-formed frames back.
+of the transport and a frame), and writes only well-formed frames back.
 """
 
 from __future__ import annotations
 
+import array
 import contextlib
+import fcntl
 import logging
 import socket
+import termios
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -41,15 +44,18 @@ from pysmux.frame import (
 from tests.faults import FaultySocket, seeded_sizes, session_runtime
 from tests.fuzzing import examples
 from tests.rawpeer import Frame, RawPeer
-from tests.util import sleep, socketpair, spawn
+from tests.util import payload, sleep, socketpair, spawn
 
 VERSIONS = pytest.mark.parametrize("version", [1, 2], ids=["v1", "v2"])
 #: The session's role; the peer opens streams with the other parity.
 ROLES = pytest.mark.parametrize("role", ["server", "client"])
 MASK = 0xFFFFFFFF
-#: One read of the transport is handled whole, so unread data may pass the
-#: budget by up to what the session's read buffer holds (256 KiB) and a frame.
-READ_SLACK = 256 * 1024 + HEADER_SIZE + MAX_PAYLOAD
+#: The session stops reading once unread data reaches its budget, but handles
+#: each read whole: unread data may pass the budget by one read (at most the
+#: session's 256 KiB read buffer) plus the rest of a frame begun before it.
+WHOLE_READ = 256 * 1024
+#: Largest read when the transport chops the input (see ``chopping``).
+CHOPPED_READ = 16
 #: Bound on how long the session may take to act on an example's input.
 DEADLINE = 10.0
 
@@ -220,7 +226,7 @@ def configs(draw: Any, version: int) -> pysmux.Config:
 
 
 #: How the session's transport hands it the bytes: as they come, or in seeded
-#: random pieces of 1 to 16 bytes.
+#: random pieces of 1 to CHOPPED_READ bytes.
 chopping = st.none() | st.integers(0, 2**16)
 
 
@@ -278,13 +284,31 @@ def buffered(session: Any) -> int:
     return int(session._buffered)
 
 
+def reader_paused(session: Any) -> bool:
+    """The session stopped reading its transport: unread data reached the budget (private)."""
+    return bool(session._reader_paused)
+
+
+def unread_in_socket(sock: Any) -> int:
+    """Bytes waiting in ``sock``; 0 once the session closed it."""
+    count = array.array("i", [0])
+    try:
+        fcntl.ioctl(sock, termios.FIONREAD, count)
+    except (OSError, ValueError):  # closed by the session meanwhile
+        return 0
+    return count[0]
+
+
 class App:
     """The application side: accepts every stream and reads them all at once,
     never blocking, so that no stream waits behind another's unread data."""
 
-    def __init__(self, session: Any, cfg: pysmux.Config) -> None:
+    def __init__(
+        self, session: Any, cfg: pysmux.Config, largest_read: int, largest_frame: int = MAX_PAYLOAD
+    ) -> None:
         self.session = session
         self.cfg = cfg
+        self.max_buffered = cfg.max_receive_buffer + largest_read + HEADER_SIZE + largest_frame
         self.streams: dict[int, Seen] = {}
         self.order: list[int] = []
 
@@ -317,9 +341,31 @@ class App:
                 seen.data += chunk
             else:
                 seen.eof = True
-        assert buffered(session) <= self.cfg.max_receive_buffer + READ_SLACK, buffered(session)
+        assert buffered(session) <= self.max_buffered, f"{buffered(session)} bytes unread"
         assert session.num_streams <= self.cfg.max_streams
         return progress
+
+    def fill_up(self, feeder: Any, sock: Any) -> None:
+        """Accept streams but read nothing until the session stopped reading
+        (budget reached) or read all there is, so unread data is at its peak."""
+
+        def full() -> bool:
+            session = self.session
+            if session.closed or reader_paused(session):
+                return True
+            return not feeder.is_alive() and unread_in_socket(sock) == 0
+
+        deadline = time.monotonic() + DEADLINE
+        while not full():
+            try:
+                st_ = self.session.accept_stream(timeout=0.001)
+            except (TimeoutError, pysmux.SessionClosedError):
+                assert time.monotonic() < deadline, "the session neither reads nor pauses"
+                continue
+            st_.settimeout(0)
+            self.streams[st_.id] = Seen(st_)
+            self.order.append(st_.id)
+        assert buffered(self.session) <= self.max_buffered, f"{buffered(self.session)} unread"
 
     def run_until(self, done: Any, what: str) -> None:
         deadline = time.monotonic() + DEADLINE
@@ -373,13 +419,18 @@ def run_example(
         )
         exp = expect(data, cfg, role)
     mine, theirs = socketpair()
-    transport = mine if chop is None else FaultySocket(mine, read_sizes=seeded_sizes(chop, 16))
+    if chop is None:
+        transport, largest_read = mine, WHOLE_READ
+    else:
+        transport = FaultySocket(mine, read_sizes=seeded_sizes(chop, CHOPPED_READ))
+        largest_read = CHOPPED_READ
     factory = pysmux.server if role == "server" else pysmux.client
     session = factory(transport, config=cfg, runtime=session_runtime(runtime))
     peer = RawPeer(theirs, cfg.version)
     feeder = spawn(feed, peer, data, name="hostile-feeder")
-    app = App(session, cfg)
+    app = App(session, cfg, largest_read)
     try:
+        app.fill_up(feeder, mine)
         if exp.protocol_error:
             app.run_until(app.all_finished, "the session ends with a protocol error")
             assert isinstance(session.error, pysmux.ProtocolError), repr(session.error)
@@ -468,3 +519,49 @@ def test_mutated_frame_sequences(runtime, error_log, role, version, data):
         wire[data.draw(st.integers(0, len(wire) - 1))] = data.draw(st.integers(0, 255))
     cfg = data.draw(configs(version), label="config")
     run_example(runtime, role, cfg, bytes(wire), data.draw(chopping, label="chop"), error_log)
+
+
+@VERSIONS
+@pytest.mark.parametrize("frame_size", [1, 1000, MAX_PAYLOAD])
+@pytest.mark.parametrize("reads", ["whole", "chopped"])
+def test_unread_data_stays_within_the_budget(runtime, version, frame_size, reads):
+    """A peer pushes far more than the budget (v2: ignoring the window) to a
+    stream nobody reads: the session stops reading at the budget, give or
+    take one read and one frame, and loses nothing."""
+    budget = 1000
+    cfg = pysmux.Config(
+        version=version,
+        keepalive=False,
+        max_receive_buffer=budget,
+        max_stream_buffer=budget,
+        max_junk_frames_per_second=0,
+    )
+    mine, theirs = socketpair()
+    largest_read = WHOLE_READ if reads == "whole" else CHOPPED_READ
+    transport = mine if reads == "whole" else FaultySocket(mine, read_sizes=lambda n: min(n, 16))
+    session = pysmux.server(transport, config=cfg, runtime=session_runtime(runtime))
+    peer = RawPeer(theirs, version)
+    try:
+        peer.syn(1)
+        st_ = session.accept_stream(timeout=5)
+        # Several times what the session may hold (at most 100,000 frames).
+        frames = min(100_000, 3 * (budget + largest_read + frame_size) // frame_size)
+        data = payload(frames * frame_size, frame_size)
+        wire = b"".join(
+            psh(version, 1, data[i : i + frame_size]) for i in range(0, len(data), frame_size)
+        )
+        feeder = spawn(feed, peer, wire, name="flooder")
+        app = App(session, cfg, largest_read, frame_size)
+        app.fill_up(feeder, mine)
+        assert reader_paused(session), "the session read everything: push more"
+        assert buffered(session) >= budget
+        st_.settimeout(5)
+        got = bytearray()
+        while len(got) < len(data):
+            got += st_.recv(len(data) - len(got))
+        assert got == data
+        feeder.result(5)
+    finally:
+        session.close()
+        mine.close()
+        theirs.close()
