@@ -476,8 +476,8 @@ class Session:
     def _shut_recv(self, stream: Stream) -> None:
         if self._leader is stream:
             os.eventfd_write(self._wake_fd, 1)  # it polls the transport: interrupt it
-        if stream._recv_state == RECV_OPEN or stream._recv_state == RECV_EOF:
-            stream._recv_state = RECV_SHUT
+        # Also after a reset: a stream shut for reading reads b"", as a socket does.
+        stream._recv_state = RECV_SHUT
         self._return_budget(stream._drop_buffer())
         stream._wake()
         self._unregister_if_done(stream)

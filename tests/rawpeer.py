@@ -12,7 +12,7 @@ from typing import NamedTuple
 
 from pysmux import frame
 
-__all__ = ["Frame", "RawPeer"]
+__all__ = ["Frame", "RawPeer", "parse_frames"]
 
 
 class Frame(NamedTuple):
@@ -147,3 +147,18 @@ class RawPeer:
         except ConnectionResetError:
             pass
         return time.monotonic() - start
+
+
+def parse_frames(data: bytes) -> tuple[list[Frame], bytes]:
+    """The complete frames at the start of ``data`` (headers are not checked),
+    and the bytes of the incomplete frame after them."""
+    frames = []
+    pos = 0
+    while len(data) - pos >= frame.HEADER_SIZE:
+        ver, cmd, length, sid = frame.HEADER.unpack_from(data, pos)
+        end = pos + frame.HEADER_SIZE + length
+        if end > len(data):
+            break
+        frames.append(Frame(ver, cmd, sid, data[pos + frame.HEADER_SIZE : end]))
+        pos = end
+    return frames, data[pos:]
