@@ -474,14 +474,13 @@ def test_send_timeout_bounds_a_write_stuck_in_the_transport(link, transport, ver
         data = b"y" * (8 << 20)  # more than the peer session's budget and the socket buffers
     st.settimeout(0.3)
 
-    def send_until_timeout() -> int:
+    def send_until_timeout() -> None:
         # A frame the transport has not taken yet is committed to the session
         # (its writer task finishes it), as a socket's kernel buffer takes bytes:
         # a small sendall may return. The next one finds the transport still
         # held and times out.
-        for calls in range(1, 4):
+        for _ in range(3):
             st.sendall(data)
-        return calls
 
     t0 = time.monotonic()
     sender = spawn(send_until_timeout)
