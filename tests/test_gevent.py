@@ -42,8 +42,11 @@ pytestmark = pytest.mark.runtimes("gevent", reason="gevent-specific behaviour")
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
-#: The bound on hub blocking that the runtime promises.
-MAX_BLOCK = 0.1
+#: The bound on hub blocking that the runtime promises. Under a tracer (coverage,
+#: in CI's measured run) pure-Python code runs several times slower, so there the
+#: bound is five times looser; the monkey-patched run, without a tracer, checks the
+#: real one.
+MAX_BLOCK = 0.5 if sys.gettrace() is not None else 0.1
 
 
 # -- watching the hub -----------------------------------------------------------------
