@@ -28,6 +28,8 @@ from typing import Any
 
 from . import __version__
 from .config import Config
+from .rpc import RpcServer
+from .rpc import command as rpc_command
 from .tunnel import EchoServer, TunnelClient, TunnelServer, format_address, parse_address
 
 __all__ = ["build_parser", "main"]
@@ -35,6 +37,12 @@ __all__ = ["build_parser", "main"]
 log = logging.getLogger("pysmux.cli")
 
 _SIGNALS = (signal.SIGINT, signal.SIGTERM)
+
+#: Commands defined in modules of their own: each has HELP, DESCRIPTION and
+#: add_arguments(parser); a server has make_server(args, config), a command that
+#: runs to completion run(args, config) -> exit status.
+_SERVERS: dict[str, Any] = {"rpc": rpc_command}
+_RUNNERS: dict[str, Any] = {}
 
 
 def _address(text: str) -> str:
@@ -245,6 +253,16 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="ADDR",
         help="where mux connections come in (default: 127.0.0.1:29900)",
     )
+    for name, command in {**_SERVERS, **_RUNNERS}.items():
+        command.add_arguments(
+            sub.add_parser(
+                name,
+                parents=[common],
+                allow_abbrev=False,
+                help=command.HELP,
+                description=command.DESCRIPTION,
+            )
+        )
     return parser
 
 
@@ -266,7 +284,12 @@ def _config(args: argparse.Namespace) -> Config:
     )
 
 
-def _service(args: argparse.Namespace, config: Config) -> TunnelServer | TunnelClient | EchoServer:
+def _service(
+    args: argparse.Namespace, config: Config
+) -> TunnelServer | TunnelClient | EchoServer | RpcServer:
+    if args.command in _SERVERS:
+        server: RpcServer = _SERVERS[args.command].make_server(args, config)
+        return server
     if args.command == "server":
         return TunnelServer(
             args.listen,
@@ -364,6 +387,9 @@ def main(argv: Sequence[str] | None = None) -> int:
             import gevent  # noqa: F401
         except ImportError:
             parser.error("--runtime gevent needs gevent: pip install 'pysmux[gevent]'")
+    if args.command in _RUNNERS:
+        status: int = _RUNNERS[args.command].run(args, config)
+        return status
     try:
         service = _service(args, config)
     except ValueError as exc:

@@ -1,0 +1,89 @@
+"""``pysmux rpc``: a JSON-RPC 2.0 server of the built-in methods, on every stream.
+
+::
+
+    pysmux rpc -l 127.0.0.1:4000 [--smuxver 2] [--max-line BYTES] [--line-timeout S]
+
+It serves ``echo``, ``add``, ``get_time`` and ``sleep`` (see
+:mod:`pysmux.rpc.methods`) with the smux flags of the other commands, prints
+``listening on HOST:PORT`` once it listens and stops on SIGINT/SIGTERM (the
+``pysmux`` command's main loop does that part).
+"""
+
+from __future__ import annotations
+
+import argparse
+
+from ..config import Config
+from .methods import register_builtins
+from .server import RpcServer
+
+__all__ = ["DESCRIPTION", "HELP", "add_arguments", "make_server"]
+
+HELP = "serve JSON-RPC 2.0 (echo, add, get_time, sleep) on every stream"
+DESCRIPTION = (
+    "Accept mux connections on -l; every stream carries newline-delimited JSON-RPC 2.0 "
+    "requests, answered in order. Methods: echo (returns its params), add ({a, b} or "
+    "[a, b]), get_time (Unix seconds), sleep ({seconds}, at most 10)."
+)
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    from ..cli import _address, _positive_int, _positive_seconds
+
+    parser.add_argument(
+        "-l",
+        "--listen",
+        "--localaddr",
+        dest="listen",
+        type=_address,
+        default="127.0.0.1:29900",
+        metavar="ADDR",
+        help="where mux connections come in (default: 127.0.0.1:29900)",
+    )
+    parser.add_argument(
+        "--max-line",
+        type=_positive_int,
+        default=1 << 20,
+        metavar="BYTES",
+        help="longest request line; a longer one is answered -32600 and its stream closed "
+        "(default: 1048576)",
+    )
+    parser.add_argument(
+        "--max-buffered",
+        type=_positive_int,
+        default=64 << 20,
+        metavar="BYTES",
+        help="unfinished request bytes held on all streams together (default: 67108864)",
+    )
+    parser.add_argument(
+        "--line-timeout",
+        type=_positive_seconds,
+        default=30.0,
+        metavar="SECONDS",
+        help="a stream that started a line and does not finish it within this is closed "
+        "(default: 30)",
+    )
+    parser.add_argument(
+        "--idle-timeout",
+        type=_positive_seconds,
+        default=300.0,
+        metavar="SECONDS",
+        help="a stream silent this long between requests, or not reading a response, is "
+        "closed (default: 300)",
+    )
+
+
+def make_server(args: argparse.Namespace, config: Config) -> RpcServer:
+    """The server the flags describe, not started (``--max-conns``: streams at once)."""
+    server = RpcServer(
+        args.listen,
+        config=config,
+        runtime=args.runtime,
+        max_line=args.max_line,
+        line_timeout=args.line_timeout,
+        idle_timeout=args.idle_timeout,
+        max_buffered=args.max_buffered,
+        max_streams=args.max_conns,
+    )
+    return register_builtins(server)

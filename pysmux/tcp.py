@@ -1,0 +1,78 @@
+"""TCP listeners and connections by ``HOST:PORT``, made of a runtime's sockets.
+
+Plain sockets on threads, ``gevent.socket`` sockets on gevent (a session on
+gevent needs them). A numeric host is used as it is; only a name goes to the
+resolver (gevent's resolver would start threads of its own).
+"""
+
+from __future__ import annotations
+
+import errno
+import ipaddress
+import socket
+from typing import Any
+
+from .runtime import Runtime
+from .tunnel import parse_address
+
+__all__ = ["Address", "as_address", "dial", "listen"]
+
+#: ``(host, port)``.
+Address = tuple[str, int]
+
+
+def as_address(addr: str | Address, default_host: str = "127.0.0.1") -> Address:
+    """``"HOST:PORT"`` (``":PORT"``: ``default_host``) or a tuple, checked."""
+    if isinstance(addr, str):
+        return parse_address(addr, default_host)
+    host, port = addr
+    if isinstance(port, bool) or not isinstance(port, int) or not 0 <= port <= 65535:
+        raise ValueError(f"{addr!r}: the port must be an int in 0..65535")
+    return (str(host) or default_host, port)
+
+
+def _candidates(rt: Runtime, addr: Address, passive: bool) -> list[tuple[int, Any]]:
+    host, port = addr
+    try:
+        ip = ipaddress.ip_address(host)
+    except ValueError:
+        flags = socket.AI_PASSIVE if passive else 0
+        infos = rt.socket_module().getaddrinfo(host, port, 0, socket.SOCK_STREAM, 0, flags)
+        return [(info[0], info[4]) for info in infos]
+    if ip.version == 6:
+        return [(socket.AF_INET6, (host, port, 0, 0))]
+    return [(socket.AF_INET, (host, port))]
+
+
+def listen(rt: Runtime, addr: Address, backlog: int = 128) -> Any:
+    """A listening TCP socket (``SO_REUSEADDR``); ``OSError`` if no address can be bound."""
+    last: OSError | None = None
+    for family, sockaddr in _candidates(rt, addr, passive=True):
+        sock = rt.socket_module().socket(family, socket.SOCK_STREAM)
+        try:
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            sock.bind(sockaddr)
+            sock.listen(backlog)
+        except OSError as exc:
+            sock.close()
+            last = exc
+            continue
+        return sock
+    raise last or OSError(errno.EADDRNOTAVAIL, f"no address to listen on for {addr}")
+
+
+def dial(rt: Runtime, addr: Address, timeout: float | None) -> Any:
+    """A connected TCP socket in blocking mode; ``OSError`` if every address fails."""
+    last: OSError | None = None
+    for family, sockaddr in _candidates(rt, addr, passive=False):
+        sock = rt.socket_module().socket(family, socket.SOCK_STREAM)
+        try:
+            sock.settimeout(timeout)
+            sock.connect(sockaddr)
+            sock.settimeout(None)
+        except OSError as exc:
+            sock.close()
+            last = exc
+            continue
+        return sock
+    raise last or OSError(errno.EADDRNOTAVAIL, f"no address to connect to for {addr}")
