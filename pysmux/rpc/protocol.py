@@ -164,9 +164,6 @@ class Dispatcher:
         assert isinstance(method, str)
         try:
             result = self._call(method, params)
-            if notification:
-                return None
-            return encode({"jsonrpc": _JSONRPC, "result": result, "id": request_id})
         except RpcError as exc:
             if notification:
                 log.debug("notification %r: %s", method, exc)
@@ -176,6 +173,13 @@ class Dispatcher:
             # The traceback is for the server's log only: it can reveal internals.
             log.exception("method %r failed", method)
             return None if notification else _error(request_id, RpcError(INTERNAL_ERROR))
+        if notification:
+            return None
+        try:
+            return encode({"jsonrpc": _JSONRPC, "result": result, "id": request_id})
+        except (TypeError, ValueError):
+            log.exception("method %r returned a result JSON cannot carry", method)
+            return _error(request_id, RpcError(INTERNAL_ERROR))
 
     def _call(self, name: str, params: Params) -> Any:
         method = self._methods.get(name)
