@@ -61,18 +61,21 @@ class RpcChannel:
     Not for several tasks at once (that is what :class:`RpcClient` is for).
     """
 
-    __slots__ = ("_reader", "idle_since", "stream")
+    __slots__ = ("_reader", "idle_since", "received_bytes", "sent_bytes", "stream")
 
     def __init__(self, stream: Stream, max_line: int = 1 << 20) -> None:
         self.stream = stream
         self._reader = LineReader(stream, max_line)
         self.idle_since = time.monotonic()
+        self.sent_bytes = 0  # request lines, newlines included
+        self.received_bytes = 0  # response lines, newlines included
 
     def send(self, message: Any, deadline: float | None = None) -> int:
         """Write one request object (or a batch list) as a line; its size in bytes."""
         line = encode(message) + b"\n"
         self.stream.settimeout(_left(deadline, "sending"))
         self.stream.sendall(line)
+        self.sent_bytes += len(line)
         return len(line)
 
     def receive(self, deadline: float | None = None) -> Any:
@@ -82,6 +85,7 @@ class RpcChannel:
             raise RpcProtocolError(
                 f"stream {self.stream.id}: the server ended it without answering"
             )
+        self.received_bytes += len(line) + 1
         try:
             return decode(line)
         except ValueError as exc:
