@@ -29,6 +29,7 @@ from typing import Any
 from . import __version__
 from . import demo as demo_command
 from . import load as load_command
+from .attack import command as attack_command
 from .config import Config
 from .rpc import RpcServer
 from .rpc import command as rpc_command
@@ -44,7 +45,11 @@ _SIGNALS = (signal.SIGINT, signal.SIGTERM)
 #: add_arguments(parser); a server has make_server(args, config), a command that
 #: runs to completion run(args, config) -> exit status.
 _SERVERS: dict[str, Any] = {"rpc": rpc_command}
-_RUNNERS: dict[str, Any] = {"load": load_command, "demo": demo_command}
+_RUNNERS: dict[str, Any] = {
+    "load": load_command,
+    "attack": attack_command,
+    "demo": demo_command,
+}
 
 
 def _address(text: str) -> str:

@@ -4,10 +4,11 @@ A :class:`StreamService` runs ``handler(stream)`` in a task of its own (a
 thread, or a greenlet on gevent) for every stream a peer opens, on sessions it
 accepts from a TCP listener (``start()``) or on sessions handed to
 ``serve_session()``. It bounds what peers can make it hold: ``max_sessions``
-mux connections and ``max_streams`` streams served at once; a connection or
-stream past a bound is closed at once. ``close()`` stops the listener, closes
-every session (which wakes every handler blocked on a stream), and joins every
-task it started.
+mux connections and ``max_streams`` streams served at once, at most
+``max_session_streams`` of them from one session (so that one peer cannot take
+every slot); a connection or stream past a bound is closed at once.
+``close()`` stops the listener, closes every session (which wakes every
+handler blocked on a stream), and joins every task it started.
 """
 
 from __future__ import annotations
@@ -60,6 +61,7 @@ class StreamService:
         runtime: str | Runtime | None = None,
         max_sessions: int = 1024,
         max_streams: int = 4096,
+        max_session_streams: int = 1024,
         backlog: int = 128,
         name: str = "pysmux",
     ) -> None:
@@ -71,11 +73,13 @@ class StreamService:
             raise TypeError(f"config must be a pysmux.Config, not {type(config).__name__}")
         self._config = config
         for what, value in (("max_sessions", max_sessions), ("max_streams", max_streams),
+                            ("max_session_streams", max_session_streams),
                             ("backlog", backlog)):  # fmt: skip
             if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
                 raise ValueError(f"{what}={value!r}: must be an int > 0")
         self._max_sessions = max_sessions
         self._max_streams = max_streams
+        self._max_session_streams = max_session_streams
         self._backlog = backlog
         self._name = name
         self._rt = rt = get_runtime(runtime)
@@ -163,13 +167,14 @@ class StreamService:
         return None
 
     def _serve(self, session: Session, token: int) -> None:
+        served = [0]  # this session's streams being served
         try:
             while True:
                 try:
                     stream = session.accept_stream()
                 except OSError:
                     return
-                self._dispatch(stream)
+                self._dispatch(stream, served)
         finally:
             with self._lock:
                 self._sessions.pop(token, None)
@@ -269,31 +274,38 @@ class StreamService:
                 "%s: %s (more are closed quietly for %.0f s)", self._name, what, _WARN_EVERY
             )
 
-    def _dispatch(self, stream: Stream) -> None:
+    def _dispatch(self, stream: Stream, served: list[int]) -> None:
         with self._lock:
-            full = self._streams >= self._max_streams
-            if not full:
+            if self._streams >= self._max_streams:
+                full = f"max_streams={self._max_streams}"
+            elif served[0] >= self._max_session_streams:
+                full = f"max_session_streams={self._max_session_streams}"
+            else:
+                full = ""
                 self._streams += 1
+                served[0] += 1
         if full:
-            self._warn_limit(f"stream refused: max_streams={self._max_streams} reached")
+            self._warn_limit(f"stream refused: {full} reached")
             stream.close()
             return
-        if not self.spawn(functools.partial(self._run_handler, stream), f"{self._name}-stream"):
-            self._stream_done()
+        run = functools.partial(self._run_handler, stream, served)
+        if not self.spawn(run, f"{self._name}-stream"):
+            self._stream_done(served)
             stream.close()
 
-    def _stream_done(self) -> None:
+    def _stream_done(self, served: list[int]) -> None:
         with self._lock:
             self._streams -= 1
+            served[0] -= 1
 
-    def _run_handler(self, stream: Stream) -> None:
+    def _run_handler(self, stream: Stream, served: list[int]) -> None:
         try:
             self._handler(stream)
         except OSError as exc:
             log.debug("%s: stream %d: %s", self._name, stream.id, exc)
         finally:
             stream.close()
-            self._stream_done()
+            self._stream_done(served)
 
     def _accept_loop(self) -> None:
         listener = self._listener

@@ -57,6 +57,14 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help="unfinished request bytes held on all streams together (default: 67108864)",
     )
     parser.add_argument(
+        "--max-session-streams",
+        type=_positive_int,
+        default=1024,
+        metavar="N",
+        help="streams served at once for one mux connection; --max-conns bounds them all "
+        "(default: 1024)",
+    )
+    parser.add_argument(
         "--line-timeout",
         type=_positive_seconds,
         default=30.0,
@@ -85,5 +93,6 @@ def make_server(args: argparse.Namespace, config: Config) -> RpcServer:
         idle_timeout=args.idle_timeout,
         max_buffered=args.max_buffered,
         max_streams=args.max_conns,
+        max_session_streams=min(args.max_session_streams, args.max_conns),
     )
     return register_builtins(server)

@@ -21,7 +21,7 @@ from .errors import SERVER_BUSY, RpcProtocolError
 __all__ = ["ByteBudget", "LineReader", "LineTooLong", "OverBudget"]
 
 #: Largest single read from the stream.
-_CHUNK = 65536
+_CHUNK = 16384
 
 
 class LineTooLong(RpcProtocolError):
@@ -114,7 +114,11 @@ class LineReader:
                     else f"a line was not finished within {line_timeout} s"
                 )
             self._stream.settimeout(timeout)
-            data = self._stream.recv(min(_CHUNK, self.max_line + 1 - len(buf)))
+            # recv_into, not recv: a stream's recv returns one received frame's payload
+            # at a time, so a peer sending 1-byte frames would cost a call per byte.
+            scratch = bytearray(min(_CHUNK, self.max_line + 1 - len(buf)))
+            count = self._stream.recv_into(scratch)
+            data = memoryview(scratch)[:count]
             if not data:
                 if not buf.strip():
                     return None

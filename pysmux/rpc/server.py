@@ -57,7 +57,8 @@ class RpcServer:
       (default 64 MiB): past it, the stream that sent more is answered with
       ``SERVER_BUSY`` (-32000) and closed;
     * ``max_sessions`` mux connections and ``max_streams`` streams at once
-      (1024 and 4096); more are closed at once.
+      (1024 and 4096), at most ``max_session_streams`` (1024) from one session;
+      more are closed at once.
     """
 
     def __init__(
@@ -72,6 +73,7 @@ class RpcServer:
         max_buffered: int = 64 << 20,
         max_sessions: int = 1024,
         max_streams: int = 4096,
+        max_session_streams: int = 1024,
         backlog: int = 128,
     ) -> None:
         if isinstance(max_line, bool) or not isinstance(max_line, int) or max_line <= 0:
@@ -90,6 +92,7 @@ class RpcServer:
             runtime=runtime,
             max_sessions=max_sessions,
             max_streams=max_streams,
+            max_session_streams=max_session_streams,
             backlog=backlog,
             name="pysmux-rpc",
         )
