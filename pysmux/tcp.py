@@ -10,6 +10,7 @@ from __future__ import annotations
 import errno
 import ipaddress
 import socket
+from collections.abc import Callable
 from typing import Any
 
 from .runtime import Runtime
@@ -44,35 +45,39 @@ def _candidates(rt: Runtime, addr: Address, passive: bool) -> list[tuple[int, An
     return [(socket.AF_INET, (host, port))]
 
 
-def listen(rt: Runtime, addr: Address, backlog: int = 128) -> Any:
-    """A listening TCP socket (``SO_REUSEADDR``); ``OSError`` if no address can be bound."""
+def _first(rt: Runtime, addr: Address, passive: bool, setup: Callable[[Any, Any], None]) -> Any:
+    """A socket on which ``setup(sock, sockaddr)`` succeeded, for the first address of
+    ``addr`` that works; the last ``OSError`` if none does."""
     last: OSError | None = None
-    for family, sockaddr in _candidates(rt, addr, passive=True):
+    for family, sockaddr in _candidates(rt, addr, passive):
         sock = rt.socket_module().socket(family, socket.SOCK_STREAM)
         try:
-            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-            sock.bind(sockaddr)
-            sock.listen(backlog)
+            setup(sock, sockaddr)
         except OSError as exc:
             sock.close()
             last = exc
             continue
         return sock
-    raise last or OSError(errno.EADDRNOTAVAIL, f"no address to listen on for {addr}")
+    raise last or OSError(errno.EADDRNOTAVAIL, f"no address for {addr}")
+
+
+def listen(rt: Runtime, addr: Address, backlog: int = 128) -> Any:
+    """A listening TCP socket (``SO_REUSEADDR``); ``OSError`` if no address can be bound."""
+
+    def setup(sock: Any, sockaddr: Any) -> None:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        sock.bind(sockaddr)
+        sock.listen(backlog)
+
+    return _first(rt, addr, True, setup)
 
 
 def dial(rt: Runtime, addr: Address, timeout: float | None) -> Any:
     """A connected TCP socket in blocking mode; ``OSError`` if every address fails."""
-    last: OSError | None = None
-    for family, sockaddr in _candidates(rt, addr, passive=False):
-        sock = rt.socket_module().socket(family, socket.SOCK_STREAM)
-        try:
-            sock.settimeout(timeout)
-            sock.connect(sockaddr)
-            sock.settimeout(None)
-        except OSError as exc:
-            sock.close()
-            last = exc
-            continue
-        return sock
-    raise last or OSError(errno.EADDRNOTAVAIL, f"no address to connect to for {addr}")
+
+    def setup(sock: Any, sockaddr: Any) -> None:
+        sock.settimeout(timeout)
+        sock.connect(sockaddr)
+        sock.settimeout(None)
+
+    return _first(rt, addr, False, setup)
