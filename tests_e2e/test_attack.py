@@ -30,10 +30,14 @@ import json
 import os
 import time
 from collections.abc import Callable
+from typing import Any
 
 import pytest
 
-from pysmux.rpc import RpcClient
+from pysmux import Config
+from pysmux.attack import AttackSettings, run_attack
+from pysmux.rpc import RpcClient, RpcServer, register_builtins
+from pysmux.tunnel import EchoServer
 from tests.runtimes import current
 from tests_e2e import test_cli
 from tests_e2e.conftest import Net
@@ -213,3 +217,31 @@ def test_attack_command_text_and_usage(cli: Callable[..., Cli], runtime: str) ->
                  "--duration", "0.5", "--conns", "1")  # fmt: skip
     assert attack.wait(60) == 1, attack.describe()
     assert "NOT RESPONSIVE" in "\n".join(attack.out)
+
+
+@pytest.mark.parametrize("probe", ["echo", "rpc"])
+def test_run_attack_as_a_library(runtime: str, probe: str) -> None:
+    """``run_attack`` in-process on the test's runtime, against in-process servers of that
+    runtime: the protocol errors close the hostile connections at once, the 1-byte flood
+    and the window abuse are absorbed, and the probe stays answered."""
+    cfg = Config(version=2, max_receive_buffer=MiB, max_stream_buffer=256 * 1024)
+    if probe == "rpc":
+        srv: Any = register_builtins(RpcServer("127.0.0.1:0", config=cfg, runtime=runtime))
+    else:
+        srv = EchoServer("127.0.0.1:0", config=cfg, runtime=runtime)
+    # 1 MiB: a 1-byte flood of 116k frames (the stall it causes on gevent grows with it).
+    settings = AttackSettings(duration=0.5, version=2, max_bytes=MiB)
+    with srv:
+        for kind in ("garbage-version", "huge-length", "psh-flood", "window-abuse"):
+            report = run_attack(srv.address, kind, settings=settings, probe=probe,
+                                config=cfg, runtime=runtime)  # fmt: skip
+            assert report.responsive, report.text()
+            assert report.observed["bytes_sent"] <= MiB, report.text()
+            if kind == "garbage-version":
+                assert report.observed["closed_by_server"] == 3, report.text()
+            assert f"attack {kind} on" in report.text()
+            assert report.as_dict()["kind"] == kind
+    with pytest.raises(ValueError, match="kind"):
+        run_attack("127.0.0.1:1", "nope")
+    with pytest.raises(ValueError, match="duration"):
+        AttackSettings(duration=0)

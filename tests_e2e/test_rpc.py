@@ -29,7 +29,7 @@ from pysmux.rpc import (
 from tests.runtimes import current
 from tests_e2e import test_cli
 from tests_e2e.conftest import Net
-from tests_e2e.test_cli import Cli
+from tests_e2e.test_cli import Cli, wait_until
 
 cli = test_cli.cli  # the fixture that starts `python -m pysmux` children
 
@@ -264,3 +264,26 @@ def test_client_timeout_while_the_server_sleeps(
     assert time.monotonic() - began < 1
     rpc.close()
     server.assert_clean_exit()
+
+
+def test_server_killed_mid_call(runtime: str, net: Net, cli: Callable[..., Cli]) -> None:
+    """The server process dies (SIGKILL) while calls wait on it: every waiting call fails
+    at once with a connection error (the stream was reset), none hangs or returns a
+    made-up answer."""
+    version = version_for(runtime)
+    server = start_rpc(cli, runtime, version)
+    session = net.client(net.connect(server.address()), version=version)
+    rpc = RpcClient(session, timeout=20)
+    assert rpc.call("echo", ["up"]) == ["up"]
+    harness = current()
+    waiting = [harness.spawn(rpc.call, "sleep", [10], name=f"sleeper-{i}") for i in range(4)]
+    wait_until(lambda: session.num_streams == 4, 10, "four calls on their streams")
+    began = time.monotonic()
+    server.send_signal(signal.SIGKILL)
+    for w in waiting:
+        exc = w.exception(10)
+        assert isinstance(exc, ConnectionError), repr(exc)
+    assert time.monotonic() - began < 5
+    with pytest.raises(ConnectionError):
+        rpc.call("echo", ["down"])
+    rpc.close()

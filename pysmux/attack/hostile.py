@@ -119,7 +119,7 @@ class HostileConn:
         return start
 
     def close(self) -> None:
-        """Drop the connection (if the server has not) and end the reader task."""
+        """Drop the connection (if the server has not) and end the reader task. Idempotent."""
         self._stopping = True
         with contextlib.suppress(OSError):
             self.sock.shutdown(socket.SHUT_RDWR)

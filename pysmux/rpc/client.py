@@ -72,7 +72,10 @@ class RpcChannel:
 
     def send(self, message: Any, deadline: float | None = None) -> int:
         """Write one request object (or a batch list) as a line; its size in bytes."""
-        line = encode(message) + b"\n"
+        return self.send_line(encode(message) + b"\n", deadline)
+
+    def send_line(self, line: bytes, deadline: float | None = None) -> int:
+        """Write an encoded request line (newline included)."""
         self.stream.settimeout(_left(deadline, "sending"))
         self.stream.sendall(line)
         self.sent_bytes += len(line)
@@ -198,10 +201,10 @@ class RpcClient:
         timeout = self.timeout if timeout is None else timeout
         deadline = _deadline(timeout)
         request_id = next(self._ids)
-        message = request(method, params, request_id)
+        line = encode(request(method, params, request_id)) + b"\n"  # bad params: no stream used
 
         def run(channel: RpcChannel) -> Any:
-            channel.send(message, deadline)
+            channel.send_line(line, deadline)
             return channel.answer(request_id, deadline)
 
         try:
@@ -212,8 +215,8 @@ class RpcClient:
     def notify(self, method: str, params: Params = None, timeout: float | None = None) -> None:
         """Send a notification: no answer comes, not even an error."""
         deadline = _deadline(self.timeout if timeout is None else timeout)
-        message = request(method, params, None)
-        self._use(lambda ch: ch.send(message, deadline))
+        line = encode(request(method, params, None)) + b"\n"
+        self._use(lambda ch: ch.send_line(line, deadline))
 
     def batch(
         self,
@@ -230,9 +233,10 @@ class RpcClient:
         messages += [request(m, p, None) for m, p in notifications]
         if not messages:
             raise ValueError("a batch needs at least one call or notification")
+        line = encode(messages) + b"\n"
 
         def run(channel: RpcChannel) -> list[Any]:
-            channel.send(messages, deadline)
+            channel.send_line(line, deadline)
             if not ids:
                 return []
             reply = channel.receive(deadline)
