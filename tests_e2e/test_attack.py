@@ -214,9 +214,10 @@ def test_attack_command_text_and_usage(cli: Callable[..., Cli], runtime: str) ->
         assert p.wait() == 2, p.describe()
     # A probe that cannot work (an rpc probe against an echo server) is reported.
     attack = cli("attack", "-r", address, "--kind", "garbage-version", "--probe", "rpc",
-                 "--duration", "0.5", "--conns", "1")  # fmt: skip
+                 "--duration", "0.5", "--conns", "1", "--probe-timeout", "0.5")  # fmt: skip
     assert attack.wait(60) == 1, attack.describe()
-    assert "NOT RESPONSIVE" in "\n".join(attack.out)
+    text = "\n".join(attack.out)
+    assert "NOT RESPONSIVE" in text and "not attacked" in text, text
 
 
 @pytest.mark.parametrize("probe", ["echo", "rpc"])

@@ -72,7 +72,7 @@ def test_fifty_connections_by_twenty_streams(
 def test_one_client_three_servers(runtime: str, cli: Callable[..., Cli]) -> None:
     """One load client holds sessions to three servers at once (two connections each)
     and spreads its requests over all of them."""
-    servers = [cli("echo", "-l", "127.0.0.1:0") for _ in range(3)]
+    servers = [cli("echo", "-l", "127.0.0.1:0", *flags(runtime)) for _ in range(3)]
     args = [a for s in servers for a in ("-r", addr_arg(s.address()))]
     status, summary = load(cli, runtime, *args, "--conns", "2", "--streams", "5",
                            "--requests", "3000")  # fmt: skip
