@@ -182,7 +182,8 @@ def test_every_attack(
     assert syn["closed_by_server"] == 0, syn  # refusing streams is no reason to drop it
     for kind in ("nop-flood", "garbage-version"):
         assert seen[kind]["closed_by_server"] == seen[kind]["connections"] >= 1, seen[kind]
-        assert seen[kind]["last_close_s"] < 1.0, seen[kind]  # at once: a protocol error
+        # At once (a protocol error), not at the keepalive timeout (3 s).
+        assert seen[kind]["slowest_close_s"] < 1.0, seen[kind]
     assert seen["nop-flood"]["frames_sent"] < 2_000_000, seen["nop-flood"]
     psh = seen["psh-flood"]
     assert psh["frames_sent"] > 10_000 and psh["bytes_sent"] <= 64 * MiB, psh

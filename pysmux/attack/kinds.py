@@ -25,6 +25,8 @@ __all__ = ["KINDS", "AttackSettings", "Run"]
 _BATCH = 4096
 #: The first client stream id, as Go uses.
 _FIRST_ID = 3
+#: How long syn-flood waits past its duration for refusals still coming in.
+_SETTLE_SECONDS = 2.0
 
 
 @dataclasses.dataclass(frozen=True)
@@ -96,6 +98,7 @@ class Run:
 
     def observations(self) -> dict[str, Any]:
         closes = [c.closed_at - self.began for c in self.conns if c.closed_at is not None]
+        lives = [c.closed_at - c.opened_at for c in self.conns if c.closed_at is not None]
         return {
             "connections": len(self.conns),
             "frames_sent": self.frames,
@@ -103,6 +106,8 @@ class Run:
             "closed_by_server": len(closes),
             "first_close_s": round(min(closes), 3) if closes else None,
             "last_close_s": round(max(closes), 3) if closes else None,
+            # the longest a connection lived before the server closed it
+            "slowest_close_s": round(max(lives), 3) if lives else None,
             "refused_streams": sum(c.refused() for c in self.conns),
             "server_data_bytes": sum(c.data_bytes for c in self.conns),
             "notes": self.notes,
@@ -126,7 +131,13 @@ def syn_flood(run: Run) -> None:
                 break
             run.frames += len(ids[start : start + _BATCH])
     run.hold()
-    refused = sum(c.refused() for c in conns)
+    # A busy server may still be refusing: count until the answers stop (2 s at most).
+    settle = time.monotonic() + _SETTLE_SECONDS
+    refused = -1
+    while refused != (now := sum(c.refused() for c in conns)) and time.monotonic() < settle:
+        refused = now
+        run.nap(0.2)
+    refused = now
     closed = sum(c.closed for c in conns)
     run.notes.append(
         f"{run.frames} SYNs sent on {len(conns)} connection(s); the server refused "
