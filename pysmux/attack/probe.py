@@ -161,8 +161,9 @@ class Probe:
             self._drop()
             sock = dial(self._rt, self._address, self._timeout)
             self._session = mux_client(sock, config=self._config, runtime=self._rt)
-            self._rpc = RpcClient(self._session, timeout=self._timeout)
-        if self._rpc is not None and self.mode == "rpc":
+            if self.mode == "rpc":
+                self._rpc = RpcClient(self._session, timeout=self._timeout)
+        if self._rpc is not None:
             params = [n, "probe"]
             if self._rpc.call("echo", params) != params:
                 raise OSError(f"probe {n}: a wrong answer")
