@@ -70,11 +70,6 @@ class HostileConn:
             self.sent += count
         return True
 
-    def wait_closed(self, timeout: float) -> bool:
-        """Wait up to ``timeout`` seconds for the server to end the connection."""
-        self._reader.join(timeout)
-        return self.closed
-
     def _read(self) -> None:
         buf = bytearray()
         while True:

@@ -25,8 +25,12 @@ __all__ = ["KINDS", "AttackSettings", "Run"]
 _BATCH = 4096
 #: The first client stream id, as Go uses.
 _FIRST_ID = 3
-#: How long syn-flood waits past its duration for refusals still coming in.
+#: How long an attack waits past its duration for answers still coming in (refusals,
+#: closes) from a server that is busy.
 _SETTLE_SECONDS = 2.0
+#: How long syn-flood waits past its duration for the first refusal, and then for
+#: more, while they keep coming (half a second without one ends it).
+_REFUSAL_GRACE = 10.0
 
 
 @dataclasses.dataclass(frozen=True)
@@ -90,6 +94,13 @@ class Run:
         while time.monotonic() < self.deadline and not all(c.closed for c in self.conns):
             self.nap(min(0.05, self.deadline - time.monotonic()))
 
+    def await_close(self, conns: list[HostileConn]) -> None:
+        """Give the server until the deadline, plus a grace for a busy server to get to
+        the bytes already sent, to close ``conns``."""
+        until = max(self.deadline, time.monotonic()) + _SETTLE_SECONDS
+        while time.monotonic() < until and not all(c.closed for c in conns):
+            self.nap(min(0.05, until - time.monotonic()))
+
     def flood(self, conn: HostileConn, frame: bytes) -> None:
         """Write ``frame`` over and over until the deadline, the budget or the close."""
         chunk = frame * _BATCH
@@ -131,13 +142,15 @@ def syn_flood(run: Run) -> None:
                 break
             run.frames += len(ids[start : start + _BATCH])
     run.hold()
-    # A busy server may still be refusing: count until the answers stop (2 s at most).
-    settle = time.monotonic() + _SETTLE_SECONDS
-    refused = -1
-    while refused != (now := sum(c.refused() for c in conns)) and time.monotonic() < settle:
-        refused = now
-        run.nap(0.2)
-    refused = now
+    # A busy server may still be refusing: count until refusals stop coming (for half a
+    # second, after the first one) or the grace is over.
+    settle = time.monotonic() + _REFUSAL_GRACE
+    refused, since = sum(c.refused() for c in conns), time.monotonic()
+    while time.monotonic() < settle and not (refused and time.monotonic() - since >= 0.5):
+        run.nap(0.1)
+        now = sum(c.refused() for c in conns)
+        if now != refused:
+            refused, since = now, time.monotonic()
     closed = sum(c.closed for c in conns)
     run.notes.append(
         f"{run.frames} SYNs sent on {len(conns)} connection(s); the server refused "
@@ -148,9 +161,10 @@ def syn_flood(run: Run) -> None:
 def nop_flood(run: Run) -> None:
     """Keepalive frames (NOP) as fast as the connection takes them. Expected: the
     server ends the connection past its junk-frame rate limit."""
-    for conn in run.connect(1):
+    conns = run.connect(1)
+    for conn in conns:
         run.flood(conn, run.header(CMD_NOP))
-    run.hold()
+    run.await_close(conns)
     run.notes.append(f"{run.frames} NOPs sent")
 
 
@@ -206,14 +220,14 @@ def garbage_version(run: Run) -> None:
     """A frame whose version byte is neither 1 nor 2, on fresh connections one after
     the other. Expected: each closed at once (a protocol error)."""
     garbage = bytes([0x7F, CMD_NOP]) + bytes(6)
-    for _ in range(run.settings.conns or 3):
-        if time.monotonic() >= run.deadline:
+    for k in range(run.settings.conns or 3):
+        if k and time.monotonic() >= run.deadline:
             break
         run.connect(1)  # one at a time: the attack waits for each to be closed
         conn = run.conns[-1]
         if conn.send(garbage, run.deadline):
             run.frames += 1
-        conn.wait_closed(max(0.0, run.deadline - time.monotonic()))
+        run.await_close([conn])
 
 
 def huge_length(run: Run) -> None:
@@ -230,6 +244,7 @@ def huge_length(run: Run) -> None:
             start = run.header(CMD_SYN, 0, _FIRST_ID) + run.header(CMD_PSH, 0xFFFF, _FIRST_ID)
             conn.send(start + bytes(1024), run.deadline)
             run.frames += 2
+    run.await_close(conns[0::2])
     run.hold()
     nop_closed = sum(c.closed for c in conns[0::2])
     psh_closed = sum(c.closed for c in conns[1::2])

@@ -94,23 +94,25 @@ def run_attack(
     address = as_address(target)
     attack, _ = KINDS[kind]
     watcher = Probe(rt, address, probe, config, probe_interval, probe_timeout)
-    run = Run(rt, address, settings)
     try:
         ready_s = watcher.wait_ready(probe_timeout)
-        if watcher.before.failed:  # no use attacking what does not work to begin with
-            run.notes.append("not attacked: the server did not answer the probe first")
-        else:
+        ready = not watcher.before.failed  # no use attacking what does not work already
+        if ready:
             watcher.burst(watcher.before, _BEFORE)
-            watcher.start()
-            try:
+        run = Run(rt, address, settings)  # the attack's clock starts now
+        try:
+            if ready:
+                watcher.start()
                 attack(run)
-            finally:
-                run.close()  # the server cleaning up after the attack is still "during"
-                watcher.stop()
+            else:
+                run.notes.append("not attacked: the server did not answer the probe first")
+        finally:
+            run.close()  # the server cleaning up after the attack is still "during"
+            watcher.stop()
+        if ready:
             watcher.burst(watcher.after, _AFTER)
         observed = run.observations()
     finally:
-        run.close()
         watcher.close()
     before, during, after = watcher.before, watcher.during, watcher.after
     responsive = probe == "none" or (
