@@ -12,6 +12,8 @@
   ``@pytest.mark.runtimes("gevent", reason=...)`` limits a test to the named
   runtimes; ``@pytest.mark.runtime_independent(reason=...)`` runs a test once,
   on the first runtime of the run (its subject is a child process).
+  Without gevent installed its tests are skipped, except under ``CI=true``,
+  where that is a usage error: the run fails before any test.
 * ``_no_leaks`` (autouse): a test fails if it leaves behind a thread or a
   gevent greenlet that was not alive before it started (they get up to
   ``THREAD_GRACE`` seconds, env ``PYSMUX_TEST_LEAK_GRACE``, to end), and ``gc.collect()`` runs at teardown so
@@ -51,6 +53,12 @@ def pytest_configure(config: pytest.Config) -> None:
         "runtime_independent(reason): run the test once, on the first runtime of the run",
     )
     runtimes.configured_runtimes()  # a bad PYSMUX_TEST_RUNTIME is a usage error at once
+    if runtimes.in_ci() and not runtimes.gevent_available():
+        # Elsewhere the gevent half of the suite is skipped; CI must not pass that way.
+        raise pytest.UsageError(
+            "CI=true and gevent is not installed, so every gevent test would be skipped: "
+            "install it (pip install -e '.[gevent,test]')"
+        )
 
 
 def pytest_report_header(config: pytest.Config) -> str:

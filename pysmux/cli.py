@@ -2,301 +2,237 @@
 
 ::
 
-    pysmux server -l 0.0.0.0:4000 -t 127.0.0.1:8080   # mux connections in, each stream to -t
-    pysmux client -l 127.0.0.1:9000 -r server:4000     # TCP in, each connection a stream to -r
+    pysmux server -l 0.0.0.0:4000 -t 127.0.0.1:8080 --key-file KEY   # mux connections in,
+    pysmux client -l 127.0.0.1:9000 -r server:4000 --key-file KEY    # each stream to -t
     pysmux echo   -l 127.0.0.1:4000                    # mux connections in, every stream echoed
+    pysmux rpc    -l 127.0.0.1:4000                    # the same, every stream JSON-RPC 2.0
+
+and the tools that run to completion: ``pysmux load``, ``pysmux attack`` and
+``pysmux demo`` (:mod:`pysmux.load`, :mod:`pysmux.attack`, :mod:`pysmux.demo`).
 
 ``python -m pysmux`` is the same program. The command prints one line,
 ``listening on HOST:PORT``, on stdout once it listens (the real port when
-port 0 was asked for), logs to stderr, and on SIGINT or SIGTERM closes its
-listener and sessions and exits with status 0. Status 1: it could not start
-(address in use, ...); 2: bad arguments. The work is done by
-:mod:`pysmux.tunnel`; this module only parses flags and waits for a signal.
+port 0 was asked for), and ``metrics on HOST:PORT`` with ``--metrics``; it
+logs to stderr. On SIGTERM or SIGINT it stops taking connections, lets those
+in flight finish (``--drain-timeout``), then exits with status 0; a second
+signal exits at once. SIGUSR1 logs its figures. Status 1: it could not start
+(address in use, ...); 2: bad arguments, or a listener beyond loopback that
+would let anyone in (see :mod:`pysmux.cli_security`). The work is done by
+:mod:`pysmux.tunnel` (and :mod:`pysmux.rpc`), the process side by
+:mod:`pysmux.runner`, the shared flags are :mod:`pysmux.cli_options`'s; this
+module builds the parsers and runs the servers.
 """
 
 from __future__ import annotations
 
 import argparse
+import functools
 import logging
-import os
-import signal
+import re
 import sys
-import threading
 from collections.abc import Sequence
-from types import FrameType
 from typing import Any
 
 from . import __version__
 from . import demo as demo_command
 from . import load as load_command
 from .attack import command as attack_command
+from .cli_options import (
+    FLAG_OF_FIELD,
+    add_smux_options,
+    address,
+    config_from_args,
+    positive_int,
+    positive_seconds,
+    seconds,
+)
+from .cli_security import (
+    CLIENT,
+    SERVER,
+    add_security_options,
+    describe_security,
+    security_from_args,
+)
 from .config import Config
+from .metrics import MetricsServer
 from .rpc import RpcServer
 from .rpc import command as rpc_command
-from .tunnel import EchoServer, TunnelClient, TunnelServer, format_address, parse_address
+from .runner import ProcessSignals, StatsLog, log_stats
+from .tunnel import (
+    EchoServer,
+    TunnelClient,
+    TunnelServer,
+    configfile,
+    format_address,
+)
+from .tunnel.service import Service
 
-__all__ = ["build_parser", "main"]
+__all__ = ["add_smux_options", "build_parser", "config_from_args", "main"]
 
 log = logging.getLogger("pysmux.cli")
 
-_SIGNALS = (signal.SIGINT, signal.SIGTERM)
-
-#: Commands defined in modules of their own: each has HELP, DESCRIPTION and
-#: add_arguments(parser); a server has make_server(args, config), a command that
-#: runs to completion run(args, config) -> exit status.
-_SERVERS: dict[str, Any] = {"rpc": rpc_command}
-_RUNNERS: dict[str, Any] = {
-    "load": load_command,
-    "attack": attack_command,
-    "demo": demo_command,
-}
+#: Commands that run to completion, each in a module of its own with HELP,
+#: ``add_arguments(parser)`` and ``run(args, config)`` -> exit status.
+_TOOLS: dict[str, Any] = {"load": load_command, "attack": attack_command, "demo": demo_command}
 
 
-def _address(text: str) -> str:
-    try:
-        parse_address(text)
-    except ValueError as exc:
-        raise argparse.ArgumentTypeError(str(exc)) from None
-    return text
+def _add_address(
+    parser: argparse.ArgumentParser, flags: tuple[str, str, str], help: str, default: str | None
+) -> None:
+    """``-X``, ``--NAME`` and kcptun's ``--NAMEaddr`` alias; required without a default."""
+    parser.add_argument(
+        *flags,
+        dest=flags[1].lstrip("-"),
+        type=address,
+        required=default is None,
+        default=default,
+        metavar="ADDR",
+        help=help if default is None else f"{help} (default: {default})",
+    )
 
 
-def _positive_int(text: str) -> int:
-    try:
-        value = int(text, 0)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not an integer") from None
-    if value <= 0:
-        raise argparse.ArgumentTypeError(f"{text} must be > 0")
-    return value
+_LISTEN = ("-l", "--listen", "--localaddr")
 
 
-def _seconds(text: str) -> float:
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not a number of seconds") from None
-    if not 0 <= value < float("inf"):
-        raise argparse.ArgumentTypeError(f"{text} must be >= 0")
-    return value
+def _add_tunnel_options(parser: argparse.ArgumentParser, connect_timeout_help: str | None) -> None:
+    """The flags of the tunnel subcommands besides -l: --max-conns, --connect-timeout,
+    and those of running in production (--metrics, --stats-interval, --drain-timeout)."""
+    parser.add_argument(
+        "--max-conns",
+        type=positive_int,
+        default=4096,
+        metavar="N",
+        help="connections carried at once; more are refused (default: %(default)s)",
+    )
+    ops = parser.add_argument_group("production")
+    ops.add_argument(
+        "--metrics",
+        type=address,
+        metavar="ADDR",
+        help="serve Prometheus metrics at http://ADDR/metrics (':PORT' is 127.0.0.1)",
+    )
+    ops.add_argument(
+        "--stats-interval",
+        type=positive_seconds,
+        default=60.0,
+        metavar="SECONDS",
+        help="with -v, log the figures this often (default: 60); SIGUSR1 logs them at once",
+    )
+    ops.add_argument(
+        "--drain-timeout",
+        type=seconds,
+        default=30.0,
+        metavar="SECONDS",
+        help="on SIGTERM or SIGINT, let connections finish this long, then reset them "
+        "(default: 30)",
+    )
+    if connect_timeout_help is not None:
+        parser.add_argument(
+            "--connect-timeout",
+            type=positive_seconds,
+            default=10.0,
+            metavar="SECONDS",
+            help=f"{connect_timeout_help} (default: 10)",
+        )
 
 
-def _positive_seconds(text: str) -> float:
-    value = _seconds(text)
-    if value <= 0:
-        raise argparse.ArgumentTypeError(f"{text} must be > 0")
-    return value
+def _command(
+    sub: Any, name: str, description: str, config_file: bool = True
+) -> argparse.ArgumentParser:
+    """A subcommand's parser, with the shared flags (and ``-c FILE`` if ``config_file``)."""
+    # No abbreviations: `server --conn 2` must be an error, not --connect-timeout 2.
+    parser: argparse.ArgumentParser = sub.add_parser(
+        name, allow_abbrev=False, help=description, description=description
+    )
+    add_smux_options(parser)
+    if not config_file:
+        return parser
+    parser.add_argument(
+        "-c",
+        "--config",
+        metavar="FILE",
+        help="a kcptun-style JSON config; flags given here override it",
+    )
+    return parser
 
 
 def build_parser() -> argparse.ArgumentParser:
     """The argument parser of the ``pysmux`` command."""
-    # No abbreviations: `server --conn 2` must be an error, not --connect-timeout 2.
+    return _build_parsers()[0]
+
+
+def _build_parsers() -> tuple[argparse.ArgumentParser, dict[str, argparse.ArgumentParser]]:
+    """The ``pysmux`` parser, and each subcommand's parser by name (for its usage in errors)."""
     parser = argparse.ArgumentParser(
         prog="pysmux",
         allow_abbrev=False,
         description="smux stream multiplexer tunnel (wire-compatible with Go's xtaci/smux)",
     )
     parser.add_argument("--version", action="version", version=f"pysmux {__version__}")
-
-    common = argparse.ArgumentParser(add_help=False, allow_abbrev=False)
-    smux = common.add_argument_group("smux")
-    smux.add_argument(
-        "--smuxver",
-        type=int,
-        choices=(1, 2),
-        default=1,
-        help="smux protocol version; both ends must agree (default: 1)",
-    )
-    smux.add_argument(
-        "--smuxbuf",
-        type=_positive_int,
-        default=4 * 1024 * 1024,
-        metavar="BYTES",
-        help="session receive buffer (default: 4194304)",
-    )
-    smux.add_argument(
-        "--streambuf",
-        type=_positive_int,
-        default=2 * 1024 * 1024,
-        metavar="BYTES",
-        help="per-stream receive window, version 2 only (default: 2097152)",
-    )
-    smux.add_argument(
-        "--framesize",
-        type=_positive_int,
-        default=32768,
-        metavar="BYTES",
-        help="largest frame payload sent (default: 32768)",
-    )
-    smux.add_argument(
-        "--keepalive",
-        type=_seconds,
-        default=10.0,
-        metavar="SECONDS",
-        help="keepalive interval; 0 turns keepalive off (default: 10)",
-    )
-    smux.add_argument(
-        "--keepalive-timeout",
-        type=_positive_seconds,
-        default=None,
-        metavar="SECONDS",
-        help="end a mux connection silent this long (default: max(30, 3 x keepalive))",
-    )
-    run = common.add_argument_group("process")
-    run.add_argument(
-        "--runtime",
-        choices=("thread", "gevent"),
-        default="thread",
-        help="threads (default) or gevent greenlets (needs gevent installed)",
-    )
-    run.add_argument(
-        "--max-conns",
-        type=_positive_int,
-        default=4096,
-        metavar="N",
-        help="connections carried at once; more are refused (default: 4096)",
-    )
-    run.add_argument(
-        "-q", "--quiet", action="count", default=0, help="log less (warnings and errors only)"
-    )
-    run.add_argument(
-        "-v", "--verbose", action="count", default=0, help="log more (every connection)"
-    )
-
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
-    srv = sub.add_parser(
-        "server",
-        parents=[common],
-        allow_abbrev=False,
-        help="accept mux connections, forward each stream to a target",
-        description="Accept mux connections on -l; forward each stream as a TCP connection to -t.",
-    )
-    srv.add_argument(
-        "-l",
-        "--listen",
-        "--localaddr",
-        dest="listen",
-        type=_address,
-        default="0.0.0.0:29900",
-        metavar="ADDR",
-        help="where mux connections come in (default: 0.0.0.0:29900)",
-    )
-    srv.add_argument(
-        "-t",
-        "--target",
-        "--targetaddr",
-        dest="target",
-        type=_address,
-        required=True,
-        metavar="ADDR",
-        help="where each stream goes, HOST:PORT",
-    )
-    srv.add_argument(
-        "--connect-timeout",
-        type=_positive_seconds,
-        default=10.0,
-        metavar="SECONDS",
-        help="for connecting to the target (default: 10)",
-    )
+    srv = _command(sub, "server", "Accept mux connections; forward each stream to a target.")
+    _add_address(srv, _LISTEN, "where mux connections come in", "0.0.0.0:29900")
+    _add_address(srv, ("-t", "--target", "--targetaddr"), "where each stream goes, HOST:PORT", None)
+    _add_tunnel_options(srv, "for connecting to the target")
+    add_security_options(srv, SERVER, positive_seconds)
 
-    cli = sub.add_parser(
-        "client",
-        parents=[common],
-        allow_abbrev=False,
-        help="accept TCP connections, carry each as a stream to a server",
-        description="Accept TCP connections on -l; carry each as one stream over --conn mux "
-        "connections to -r.",
-    )
-    cli.add_argument(
-        "-l",
-        "--listen",
-        "--localaddr",
-        dest="listen",
-        type=_address,
-        default="127.0.0.1:12948",
-        metavar="ADDR",
-        help="where TCP connections come in (default: 127.0.0.1:12948)",
-    )
-    cli.add_argument(
-        "-r",
-        "--remote",
-        "--remoteaddr",
-        dest="remote",
-        type=_address,
-        required=True,
-        metavar="ADDR",
-        help="the pysmux (or Go smux) server, HOST:PORT",
+    cli = _command(sub, "client", "Accept TCP connections; carry each as a stream to a server.")
+    _add_address(cli, _LISTEN, "where TCP connections come in", "127.0.0.1:12948")
+    _add_address(
+        cli, ("-r", "--remote", "--remoteaddr"), "the pysmux (or Go smux) server, HOST:PORT", None
     )
     cli.add_argument(
         "--conn",
-        type=_positive_int,
+        type=positive_int,
         default=1,
         metavar="N",
-        help="parallel mux connections; streams are spread round-robin (default: 1)",
+        help="parallel mux connections; each new connection goes to the one carrying the "
+        "fewest (default: 1)",
     )
     cli.add_argument(
-        "--connect-timeout",
-        type=_positive_seconds,
-        default=10.0,
+        "--autoexpire",
+        type=seconds,
+        default=0.0,
         metavar="SECONDS",
-        help="for dialling the server, and how long a new TCP connection waits for a "
-        "mux connection (default: 10)",
+        help="renew a mux connection this old: new connections go to a fresh one, old ones "
+        "finish (default: 0, never)",
     )
+    cli.add_argument(
+        "--scavengettl",
+        type=positive_seconds,
+        default=600.0,
+        metavar="SECONDS",
+        help="how long a renewed mux connection may keep its connections before it is "
+        "closed (default: 600)",
+    )
+    _add_tunnel_options(
+        cli,
+        "for dialling the server, and how long a new TCP connection waits for a mux connection",
+    )
+    add_security_options(cli, CLIENT, positive_seconds)
 
-    echo = sub.add_parser(
-        "echo",
-        parents=[common],
-        allow_abbrev=False,
-        help="accept mux connections and echo every stream (for tests and benchmarks)",
-        description="Accept mux connections on -l and echo every stream until its EOF.",
-    )
-    echo.add_argument(
-        "-l",
-        "--listen",
-        "--localaddr",
-        dest="listen",
-        type=_address,
-        default="127.0.0.1:29900",
-        metavar="ADDR",
-        help="where mux connections come in (default: 127.0.0.1:29900)",
-    )
-    for name, command in {**_SERVERS, **_RUNNERS}.items():
-        command.add_arguments(
-            sub.add_parser(
-                name,
-                parents=[common],
-                allow_abbrev=False,
-                help=command.HELP,
-                description=command.DESCRIPTION,
-            )
-        )
-    return parser
+    echo = _command(sub, "echo", "Accept mux connections; echo every stream (for trying clients).")
+    _add_address(echo, _LISTEN, "where mux connections come in", "127.0.0.1:29900")
+    _add_tunnel_options(echo, None)
+    add_security_options(echo, SERVER, positive_seconds)
 
+    rpc = _command(sub, "rpc", rpc_command.DESCRIPTION)
+    _add_address(rpc, _LISTEN, "where mux connections come in", "127.0.0.1:29900")
+    _add_tunnel_options(rpc, None)
+    rpc_command.add_arguments(rpc)
+    add_security_options(rpc, SERVER, positive_seconds)
 
-def _config(args: argparse.Namespace) -> Config:
-    """The session config of the flags; ``ValueError`` names the flag's field."""
-    keepalive = args.keepalive > 0
-    interval = args.keepalive if keepalive else 10.0
-    timeout = args.keepalive_timeout
-    if timeout is None:
-        timeout = max(30.0, 3 * interval)
-    return Config(
-        version=args.smuxver,
-        keepalive=keepalive,
-        keepalive_interval=interval,
-        keepalive_timeout=timeout,
-        max_frame_size=args.framesize,
-        max_receive_buffer=args.smuxbuf,
-        max_stream_buffer=min(args.streambuf, args.smuxbuf),
-    )
+    for name, tool in _TOOLS.items():
+        tool.add_arguments(_command(sub, name, tool.DESCRIPTION, config_file=False))
+    return parser, dict(sub.choices)
 
 
 def _service(
-    args: argparse.Namespace, config: Config
+    args: argparse.Namespace, config: Config, security: dict[str, Any]
 ) -> TunnelServer | TunnelClient | EchoServer | RpcServer:
-    if args.command in _SERVERS:
-        server: RpcServer = _SERVERS[args.command].make_server(args, config)
-        return server
+    if args.command == "rpc":
+        return rpc_command.make_server(args, config, security)
     if args.command == "server":
         return TunnelServer(
             args.listen,
@@ -305,6 +241,7 @@ def _service(
             runtime=args.runtime,
             connect_timeout=args.connect_timeout,
             max_conns=args.max_conns,
+            **security,
         )
     if args.command == "client":
         return TunnelClient(
@@ -315,100 +252,95 @@ def _service(
             runtime=args.runtime,
             connect_timeout=args.connect_timeout,
             max_conns=args.max_conns,
+            autoexpire=args.autoexpire or None,
+            scavenge_ttl=args.scavengettl,
+            **security,
         )
-    return EchoServer(args.listen, config=config, runtime=args.runtime, max_conns=args.max_conns)
+    return EchoServer(
+        args.listen, config=config, runtime=args.runtime, max_conns=args.max_conns, **security
+    )
 
 
-class _StopSignal:
-    """Waits for SIGINT or SIGTERM; a second one ends the process at once (status 1).
+class _FlagNames(logging.Filter):
+    """Log messages name the flags a user typed: ``Config.version`` is ``--smuxver``."""
 
-    Threads: ``signal.signal`` handlers and a ``threading.Event``. gevent: the
-    handlers must run in the hub (``gevent.signal_handler``) and the wait must
-    let greenlets run.
-    """
-
-    def __init__(self, runtime: str) -> None:
-        self._count = 0
-        self._restore: list[Any] = []
-        self._event: Any
-        if runtime == "gevent":
-            import gevent
-            import gevent.event
-
-            self._event = gevent.event.Event()
-            for sig in _SIGNALS:
-                self._restore.append(gevent.signal_handler(sig, self._fire, sig))
-        else:
-            self._event = threading.Event()
-            for sig in _SIGNALS:
-                previous = signal.signal(sig, self._on_signal)
-                self._restore.append((sig, previous))
-
-    def _on_signal(self, signum: int, frame: FrameType | None) -> None:
-        self._fire(signum)
-
-    def _fire(self, signum: int) -> None:
-        self._count += 1
-        if self._count > 1:
-            os.write(2, b"pysmux: second signal, exiting at once\n")
-            os._exit(1)
-        log.info("%s: shutting down", signal.Signals(signum).name)
-        self._event.set()
-
-    def wait(self) -> None:
-        # A timeout keeps gevent's loop alive (its signal watchers do not) and
-        # lets the thread runtime's main thread run the Python signal handler.
-        while not self._event.wait(3600):
-            pass
-
-    def restore(self) -> None:
-        for item in self._restore:
-            if isinstance(item, tuple):
-                signal.signal(*item)
-            else:
-                item.cancel()
-        self._restore.clear()
+    def filter(self, record: logging.LogRecord) -> bool:
+        message = record.getMessage()
+        if "Config." in message:
+            record.msg = re.sub(
+                r"\bConfig\.(\w+)",
+                lambda m: FLAG_OF_FIELD.get(m.group(1), m.group(0)),
+                message,
+            )
+            record.args = ()
+        return True
 
 
 def _setup_logging(args: argparse.Namespace) -> None:
-    level = logging.INFO + 10 * (args.quiet - args.verbose)
+    # -v adds the periodic stats line; every connection is logged from -vv on.
+    level = logging.INFO + 10 * (args.quiet - max(0, args.verbose - 1))
     level = max(logging.DEBUG, min(logging.CRITICAL, level))
     logging.basicConfig(
         level=level,
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
         stream=sys.stderr,
     )
+    for handler in logging.getLogger().handlers:
+        handler.addFilter(_FlagNames())
+
+
+def _start(service: Service, announce: str, where: str) -> bool:
+    """Start ``service`` and print ``ANNOUNCE on HOST:PORT``; False (logged) if it cannot listen."""
+    try:
+        service.start()
+    except OSError as exc:
+        log.error("cannot listen on %s: %s", where, exc)
+        return False
+    print(f"{announce} on {format_address(service.address)}", flush=True)
+    return True
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Run the ``pysmux`` command; returns the exit status."""
-    parser = build_parser()
+    parser, commands = _build_parsers()
+    argv = list(sys.argv[1:] if argv is None else argv)
+    notes = configfile.apply_argv(argv, commands)
     args = parser.parse_args(argv)
+    command = commands[args.command]  # its usage goes with every error below
     _setup_logging(args)
+    for note in notes:
+        log.warning("%s", note)
     try:
-        config = _config(args)
+        config = config_from_args(args)
     except ValueError as exc:
-        parser.error(str(exc))
+        command.error(str(exc))
     if args.runtime == "gevent":
         try:
             import gevent  # noqa: F401
         except ImportError:
-            parser.error("--runtime gevent needs gevent: pip install 'pysmux[gevent]'")
-    if args.command in _RUNNERS:
-        status: int = _RUNNERS[args.command].run(args, config)
+            command.error("--runtime gevent needs gevent: pip install 'pysmux[gevent]'")
+    if args.command in _TOOLS:
+        status: int = _TOOLS[args.command].run(args, config)
         return status
     try:
-        service = _service(args, config)
+        security = security_from_args(args, CLIENT if args.command == "client" else SERVER)
+        service = _service(args, config, security)
     except ValueError as exc:
-        parser.error(str(exc))
-    stop = _StopSignal(args.runtime)  # before listening: a signal from now on is graceful
+        command.error(str(exc))
+    # Before listening: a signal from now on is graceful.
+    signals = ProcessSignals(args.runtime, functools.partial(log_stats, service.stats))
+    metrics: MetricsServer | None = None
+    stats_log: StatsLog | None = None
     try:
-        try:
-            service.start()
-        except OSError as exc:
-            log.error("cannot listen on %s: %s", args.listen, exc)
+        if not _start(service, "listening", args.listen):
             return 1
-        print(f"listening on {format_address(service.address)}", flush=True)
+        log.info("mux connections: %s", describe_security(security))
+        if args.metrics is not None:
+            metrics = MetricsServer(args.metrics, service.stats, args.command, runtime=args.runtime)
+            if not _start(metrics, "metrics", args.metrics):
+                return 1
+        if args.verbose:
+            stats_log = StatsLog(service.stats, args.stats_interval, args.runtime)
         if isinstance(service, TunnelClient):
             log.info(
                 "carrying connections to %s over %d mux connection(s), smux v%d",
@@ -418,11 +350,17 @@ def main(argv: Sequence[str] | None = None) -> int:
             )
         elif isinstance(service, TunnelServer):
             log.info("forwarding streams to %s, smux v%d", args.target, config.version)
-        stop.wait()
+        signals.wait()
+        if not service.drain(args.drain_timeout):
+            log.warning("drain timeout (%g s): connections were reset", args.drain_timeout)
     except KeyboardInterrupt:  # a SIGINT before the handler was in place
         pass
     finally:
         service.close()
-        stop.restore()
+        if stats_log is not None:
+            stats_log.close()
+        if metrics is not None:
+            metrics.close()
+        signals.restore()
     log.info("stopped")
     return 0

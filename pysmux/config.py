@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import math
 from dataclasses import dataclass
 
 __all__ = ["Config"]
@@ -18,12 +19,25 @@ class Config:
     may make it hold or do; Go has none of them.
     """
 
+    #: smux protocol version, 1 or 2; both ends must use the same one. Version 2
+    #: adds a receive window per stream (UPD frames) to version 1's session budget.
     version: int = 1
+    #: Seconds between NOPs sent to keep the session alive (with ``keepalive``).
     keepalive_interval: float = 10.0
+    #: Seconds without receiving anything after which the session ends (with
+    #: ``keepalive``); at least ``keepalive_interval``.
     keepalive_timeout: float = 30.0
+    #: Largest payload of a frame this end sends, 1..65535 (the header's length
+    #: field has 16 bits); the peer's frames may be up to 65535 whatever it says.
     max_frame_size: int = 32768
+    #: Bytes received and not yet read, summed over every stream, past which the
+    #: session stops reading its transport until applications catch up (version
+    #: 1's only flow control: one budget for the whole session).
     max_receive_buffer: int = 4 * 1024 * 1024
+    #: Version 2: the receive window of each stream, the bytes the peer may send on
+    #: one stream that the application has not read yet; at most ``max_receive_buffer``.
     max_stream_buffer: int = 65536
+    #: Incoming streams waiting for ``accept_stream``; a SYN past it is refused with a FIN.
     accept_backlog: int = 1024
     #: Send NOPs and end silent sessions (Go's ``KeepAliveDisabled`` inverted).
     keepalive: bool = True
@@ -48,6 +62,11 @@ class Config:
                     f.name,
                     isinstance(value, (int, float)) and not isinstance(value, bool),
                     "must be a number of seconds",
+                )
+                check(
+                    f.name,
+                    math.isfinite(value),
+                    "must be a finite number of seconds (keepalive=False turns keepalive off)",
                 )
             else:
                 check(

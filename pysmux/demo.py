@@ -28,10 +28,11 @@ import time
 from collections.abc import Callable
 from typing import Any
 
+from .cli_options import positive_int
 from .config import Config
+from .loadstats import LatencyHistogram, ProgressLine, format_bytes
 from .rpc import RpcClient, RpcServer, register_builtins
 from .runtime import Runtime, Task, get_runtime
-from .stats import LatencyHistogram, ProgressLine, format_bytes
 from .tcp import Address, dial, listen
 from .tunnel import TunnelClient, TunnelServer
 
@@ -278,23 +279,21 @@ def run_demo(
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    from .cli import _positive_int
-
     parser.add_argument(
-        "--connections", type=_positive_int, default=300, metavar="N",
+        "--connections", type=positive_int, default=300, metavar="N",
         help="TCP connections through the tunnel (default: 300)",
     )  # fmt: skip
     parser.add_argument(
-        "--calls", type=_positive_int, default=3000, metavar="K",
+        "--calls", type=positive_int, default=3000, metavar="K",
         help="JSON-RPC calls (default: 3000)",
     )  # fmt: skip
     parser.add_argument(
-        "--size", type=_positive_int, default=32768, metavar="BYTES",
+        "--size", type=positive_int, default=32768, metavar="BYTES",
         help="largest payload of a connection; each sends between half that and that "
         "(default: 32768)",
     )  # fmt: skip
     parser.add_argument(
-        "--concurrency", type=_positive_int, default=32, metavar="C",
+        "--concurrency", type=positive_int, default=32, metavar="C",
         help="connections in flight at once (default: 32)",
     )  # fmt: skip
 

@@ -17,6 +17,10 @@ class SmuxError(OSError):
 class ProtocolError(SmuxError):
     """The peer sent something the smux protocol does not allow; the session is closed."""
 
+    #: The first bytes of the offending frame, when its header was the problem
+    #: (a wrong version byte): a peer that does not speak smux shows itself there.
+    received: bytes = b""
+
 
 class SessionClosedError(SmuxError, ConnectionError):
     """The session is closed (locally, by the peer, or because of an error)."""

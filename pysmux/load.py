@@ -31,12 +31,13 @@ import time
 from collections.abc import Callable, Sequence
 from typing import Any
 
+from .cli_options import address, positive_int, positive_seconds
 from .config import Config
+from .loadstats import LatencyHistogram, ProgressLine, format_bytes
 from .rpc.client import RpcChannel
 from .runtime import Runtime, get_runtime
 from .session import Session
 from .session import client as mux_client
-from .stats import LatencyHistogram, ProgressLine, format_bytes
 from .stream import Stream
 from .tcp import Address, as_address, dial
 from .tunnel import format_address
@@ -368,15 +369,13 @@ DESCRIPTION = (
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    from .cli import _address, _positive_int, _positive_seconds
-
     parser.add_argument(
         "-r",
         "--remote",
         "--remoteaddr",
         dest="remote",
         action="append",
-        type=_address,
+        type=address,
         required=True,
         metavar="ADDR",
         help="a server, HOST:PORT; repeat for several (each gets --conns connections)",
@@ -384,14 +383,14 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--mode", choices=MODES, default="echo", help="(default: echo)")
     parser.add_argument(
         "--conns",
-        type=_positive_int,
+        type=positive_int,
         default=1,
         metavar="N",
         help="mux connections to each server (default: 1)",
     )
     parser.add_argument(
         "--streams",
-        type=_positive_int,
+        type=positive_int,
         default=1,
         metavar="M",
         help="concurrent streams on each connection (default: 1)",
@@ -399,30 +398,30 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     end = parser.add_mutually_exclusive_group()
     end.add_argument(
         "--duration",
-        type=_positive_seconds,
+        type=positive_seconds,
         metavar="SECONDS",
         help="run this long (the default, 5 s, when --requests is not given)",
     )
     end.add_argument(
-        "--requests", type=_positive_int, metavar="K", help="stop after K requests in all"
+        "--requests", type=positive_int, metavar="K", help="stop after K requests in all"
     )
     parser.add_argument(
         "--size",
-        type=_positive_int,
+        type=positive_int,
         default=64,
         metavar="BYTES",
         help="request size: echo bytes, or characters of the echo call's string (default: 64)",
     )
     parser.add_argument(
         "--timeout",
-        type=_positive_seconds,
+        type=positive_seconds,
         default=10.0,
         metavar="SECONDS",
         help="a request not answered within this counts as an error (default: 10)",
     )
     parser.add_argument(
         "--connect-timeout",
-        type=_positive_seconds,
+        type=positive_seconds,
         default=10.0,
         metavar="SECONDS",
         help="for each mux connection (default: 10)",

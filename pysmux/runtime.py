@@ -7,6 +7,8 @@ uses, so the rest of the library is the same code on both.
 from __future__ import annotations
 
 import contextlib
+import math
+import select
 import socket
 import sys
 import threading
@@ -16,7 +18,44 @@ from collections.abc import Callable
 from types import TracebackType
 from typing import Any, Protocol
 
-__all__ = ["GeventRuntime", "Runtime", "Task", "ThreadRuntime", "get_runtime", "gevent_patched"]
+__all__ = [
+    "MAX_WAIT",
+    "GeventRuntime",
+    "Runtime",
+    "Task",
+    "ThreadRuntime",
+    "bounded_wait",
+    "check_timeout",
+    "get_runtime",
+    "gevent_patched",
+]
+
+#: The longest single wait pysmux asks of a lock, condition or poll. Longer
+#: timeouts (``settimeout(1e10)``, ``inf``) are waited for in steps of this
+#: size: every wait sits in a loop that checks its own deadline, and the
+#: primitives underneath overflow on very large values.
+MAX_WAIT = 3600.0
+
+
+def bounded_wait(seconds: float | None) -> float | None:
+    """``seconds`` clamped to ``0 .. MAX_WAIT``; None (forever) stays None."""
+    if seconds is None:
+        return None
+    return min(max(seconds, 0.0), MAX_WAIT)
+
+
+def check_timeout(value: float | None) -> float | None:
+    """A timeout argument as ``socket.settimeout`` takes it: None, or seconds >= 0."""
+    if value is None:
+        return None
+    seconds = float(value)
+    if not seconds >= 0:  # also NaN
+        raise ValueError("Timeout value out of range")
+    return seconds
+
+
+#: ``wait_writable(timeout) -> bool``: True once the transport takes bytes again.
+WriteWaiter = Callable[[float], bool]
 
 
 class Task(Protocol):
@@ -76,6 +115,17 @@ class Runtime(Protocol):
 
     def socket_module(self) -> Any: ...
 
+    def write_waiter(self, sock: Any) -> WriteWaiter | None: ...
+
+    def yield_now(self) -> None: ...
+
+
+def _plain(sock: Any) -> bool:
+    # TLS records cannot be written with MSG_DONTWAIT (stdlib and gevent TLS
+    # sockets both have getpeercert): the session hands such writes with a
+    # deadline to its writer task instead.
+    return not hasattr(sock, "getpeercert") and hasattr(socket, "MSG_DONTWAIT")
+
 
 class ThreadRuntime:
     """Plain OS threads (the default)."""
@@ -108,6 +158,32 @@ class ThreadRuntime:
         """Where sockets that this runtime can wait on come from."""
         return socket
 
+    def yield_now(self) -> None:
+        """Let other tasks run. OS threads are preempted; patched threads are
+        greenlets and must yield (the patched ``time.sleep`` does)."""
+        if gevent_patched():
+            time.sleep(0)
+
+    def write_waiter(self, sock: Any) -> WriteWaiter | None:
+        """How to wait for room in ``sock``'s send buffer, when it is a plain socket."""
+        if not isinstance(sock, socket.socket) or not _plain(sock):
+            return None
+        fileno = sock.fileno()
+
+        def wait_writable(timeout: float) -> bool:
+            # Looked up at call time: monkey-patching removes select.poll, and
+            # the patched select.select cooperates.
+            poll = getattr(select, "poll", None)
+            if poll is None:
+                return bool(select.select([], [fileno], [], bounded_wait(timeout))[1])
+            poller = poll()
+            poller.register(fileno, select.POLLOUT)
+            wait = bounded_wait(timeout)
+            assert wait is not None
+            return bool(poller.poll(math.ceil(wait * 1000)))
+
+        return wait_writable
+
     def check_transport(self, sock: object) -> None:
         """A gevent socket works on threads only when threads are greenlets (patched)."""
         gsocket = sys.modules.get("gevent.socket")
@@ -134,7 +210,7 @@ class _GreenletTask:
 
 
 class _GeventCondition:
-    """A condition variable for gevent, which ships none (notes/gevent.md 5.2).
+    """A condition variable for gevent, which ships none (docs/design.md section 13).
 
     The stdlib one would block the hub when gevent is not monkey-patched.
     """
@@ -192,6 +268,7 @@ class GeventRuntime:
         self._bounded = gevent.lock.BoundedSemaphore
         self._gsocket = gevent.socket
         self._socket_type = gevent.socket.socket
+        self._wait_write = gevent.socket.wait_write
 
     def lock(self) -> Lock:
         lock: Lock = self._bounded(1)
@@ -217,6 +294,26 @@ class GeventRuntime:
     def socket_module(self) -> Any:
         """Cooperative sockets: a plain one would block the hub."""
         return self._gsocket
+
+    def yield_now(self) -> None:
+        """Let the other greenlets run (a socket with data waiting never yields)."""
+        self._gevent.sleep(0)
+
+    def write_waiter(self, sock: Any) -> WriteWaiter | None:
+        """How to wait cooperatively for room in ``sock``'s send buffer."""
+        if not isinstance(sock, self._socket_type) or not _plain(sock):
+            return None
+        fileno = sock.fileno()
+        wait_write = self._wait_write
+
+        def wait_writable(timeout: float) -> bool:
+            try:
+                wait_write(fileno, timeout=bounded_wait(timeout))
+            except TimeoutError:
+                return False
+            return True
+
+        return wait_writable
 
     def check_transport(self, sock: object) -> None:
         """A blocking OS socket would freeze every greenlet: refuse it."""

@@ -57,8 +57,9 @@ from .frame import (
     encode_header,
     encode_upd,
 )
-from .runtime import Runtime, get_runtime
+from .runtime import Runtime, bounded_wait, check_timeout, get_runtime
 from .stream import (
+    INITIAL_PEER_WINDOW,
     RECV_EOF,
     RECV_OPEN,
     RECV_RESET,
@@ -82,6 +83,10 @@ _MAX_FRAME = HEADER_SIZE + MAX_PAYLOAD
 #: A PSH for an unknown stream shorter than this counts as junk: it costs the
 #: peer little.
 _CHEAP_PAYLOAD = 512
+#: Payloads shorter than this are appended to the stream's last small-payload
+#: buffer (up to _COALESCE_LIMIT bytes) instead of being kept as one object each.
+_SMALL_PAYLOAD = 1024
+_COALESCE_LIMIT = 65536
 #: Ids of streams we closed that the peer may still legally send to (it has
 #: not seen our FIN yet, or old Go keeps writing): frames for them are not junk.
 _RECENTLY_CLOSED = 4096
@@ -100,7 +105,21 @@ _CLOSE_FLUSH_SECONDS = 0.5
 #: How long close() waits for the session's own tasks to end.
 _JOIN_SECONDS = 5.0
 
+#: Frames the reader task handles between two chances for other tasks to run:
+#: a flood of tiny frames must not keep gevent's hub for long.
+_FRAMES_PER_SLICE = 1024
+#: How long the writer task blocks in one transport write before it looks at
+#: the keepalive clock again.
+_WRITER_SLICE = 1.0
+
 _ControlItem = bytes | Stream  # a whole frame, or a stream that owes an UPD
+
+#: What ``Session._write`` did: all written; handed to the writer task; failed.
+_WRITTEN, _DEFERRED, _FAILED = range(3)
+
+
+class _Expired(Exception):
+    """A write's deadline passed before its last byte went out."""
 
 
 class Session:
@@ -150,11 +169,13 @@ class Session:
         self._leader: Stream | None = None
         self._followers = 0  # tasks waiting for frames that another task reads
         self._bg_waiting = False
+        self._bg_parked = False  # the reader task waits for a stream reader's turn to end
         self._reader_active = 0.0
         self._handed_off = False  # the reader task just woke a stream reader
         self._rbuf = bytearray(_READ_BUFFER)
         self._rview = memoryview(self._rbuf)
         self._rstart = self._rend = 0
+        self._more_frames = False  # the reader task handled only part of what it read
         self._direct_reads = (
             rt.direct_reads()
             and isinstance(sock, socket.socket)
@@ -174,6 +195,23 @@ class Session:
         self._dropped_frames = 0
         self._recently_closed: dict[int, None] = {}  # insertion-ordered set
         self._refused_streams = 0
+        # Set when a transport write failed: nothing is written any more, while
+        # reading goes on to the end of the transport.
+        self._write_error: SmuxError | None = None
+        # Version 2: local writers waiting for a window update.
+        self._window_waiters = 0
+        # Version 2: the most a peer that honours the windows can make one
+        # stream hold unread: Go assumes 256 KiB before our first UPD, then
+        # the window we advertise.
+        self._stream_limit = max(INITIAL_PEER_WINDOW, cfg.max_stream_buffer)
+        # What stats() reports; plain ints changed under the session lock.
+        self._streams_opened = 0
+        self._streams_accepted = 0
+        self._frames_sent = 0
+        self._bytes_sent = 0  # transport bytes, headers included, once a write starts
+        self._frames_received = 0
+        self._bytes_received = 0
+        self._protocol_errors = 0
 
         # Send side.
         self._tx_busy = False
@@ -190,9 +228,14 @@ class Session:
         self._writer_cond = rt.condition(lock)
         self._idle_cond = rt.condition(lock)
         self._idle_waiters = 0
-        self._sendmsg: Callable[[list[Any]], int] | None = None
-        if hasattr(sock, "sendmsg"):
-            self._sendmsg = sock.sendmsg
+        self._sendmsg: Callable[..., int] | None = getattr(sock, "sendmsg", None)
+        self._send: Callable[[Any], int] | None = getattr(sock, "send", None)
+        # Waits for room in the transport, for writes bounded by a deadline;
+        # None where the transport cannot be written without blocking (TLS).
+        self._wait_writable = rt.write_waiter(sock) if self._sendmsg is not None else None
+        # The rest of a write whose holder left (deadline, interruption): the
+        # writer task holds the transport until it has written it.
+        self._unfinished: list[Any] | None = None
 
         self._prepare_transport(sock)
         self._handlers: dict[int, Callable[[int, memoryview], None]] = {
@@ -254,10 +297,39 @@ class Session:
         """Incoming streams refused (with a FIN) because a limit was reached."""
         return self._refused_streams
 
+    def stats(self) -> dict[str, int]:
+        """This session's counters and gauges, as one consistent snapshot.
+
+        Counters (only grow): ``streams_opened`` (by this side),
+        ``streams_accepted`` (opened by the peer), ``streams_refused``,
+        ``frames_sent``, ``bytes_sent``, ``frames_received``,
+        ``bytes_received`` (transport bytes, headers included),
+        ``dropped_frames``, ``protocol_errors`` (0 or 1). Gauges: ``streams``
+        (tracked now), ``buffered_bytes`` (received, not yet read).
+        """
+        with self._lock:
+            return {
+                "streams_opened": self._streams_opened,
+                "streams_accepted": self._streams_accepted,
+                "streams_refused": self._refused_streams,
+                "frames_sent": self._frames_sent,
+                "bytes_sent": self._bytes_sent,
+                "frames_received": self._frames_received,
+                "bytes_received": self._bytes_received,
+                "dropped_frames": self._dropped_frames,
+                "protocol_errors": self._protocol_errors,
+                "streams": len(self._streams),
+                "buffered_bytes": self._buffered,
+            }
+
     def open_stream(self) -> Stream:
         """Open a new stream. The peer learns of it with our first frame."""
         with self._lock:
             self._check_alive()
+            if self._write_error is not None:
+                raise SessionClosedError(
+                    errno.EPIPE, f"session can no longer write: {self._write_error}"
+                )
             stream_id = self._next_id
             if stream_id > _MASK:
                 raise SmuxError(
@@ -265,16 +337,22 @@ class Session:
                     "this session has used all 2**32 stream ids; open a new session",
                 )
             self._next_id += 2
+            self._streams_opened += 1
             stream = Stream(self, stream_id)
             # Registered before the SYN is queued: a reply right after the peer's
-            # accept finds the stream (Go loses it, DESIGN.md 5.1).
+            # accept finds the stream (Go loses it: docs/design.md section 9.1).
             self._streams[stream_id] = stream
             self._queue_control(encode_header(self._version, CMD_SYN, 0, stream_id))
             return stream
 
     def accept_stream(self, timeout: float | None = None) -> Stream:
-        """Wait for the peer to open a stream. TimeoutError after ``timeout`` seconds."""
+        """Wait for the peer to open a stream. TimeoutError after ``timeout`` seconds.
+
+        ``timeout`` is checked as ``socket.settimeout`` checks it (ValueError for
+        a negative value or NaN); None waits until a stream arrives or the
+        session ends (then SessionClosedError)."""
         rt = self._runtime
+        timeout = check_timeout(timeout)
         deadline = None if timeout is None else rt.monotonic() + timeout
         with self._lock:
             while True:
@@ -290,7 +368,7 @@ class Session:
                 remaining = deadline - rt.monotonic()
                 if remaining <= 0:
                     raise TimeoutError(f"no stream arrived within {timeout} s")
-                self._accept_cond.wait(remaining)
+                self._accept_cond.wait(bounded_wait(remaining))
 
     def close(self) -> None:
         """Close the session and its transport; wake every blocked call. Idempotent.
@@ -302,7 +380,11 @@ class Session:
         with self._lock:
             deadline = rt.monotonic() + _CLOSE_FLUSH_SECONDS
             target = self._control_queued
-            while not self._closed and self._control_written - target < 0:
+            while (
+                not self._closed
+                and self._write_error is None
+                and self._control_written - target < 0
+            ):
                 remaining = deadline - rt.monotonic()
                 if remaining <= 0:
                     break
@@ -327,12 +409,13 @@ class Session:
             raise SessionClosedError(errno.ECONNABORTED, f"session is closed: {self._error}")
 
     def _reset_error(self, stream_id: int) -> StreamResetError:
+        cause = self._error or self._write_error
         err = StreamResetError(
             errno.ECONNRESET,
             f"stream {stream_id} was reset: the session ended before the peer "
-            f"closed it ({self._error})",
+            f"closed it ({cause})",
         )
-        err.__cause__ = self._error
+        err.__cause__ = cause
         return err
 
     def _abort(self, error: SmuxError) -> None:
@@ -341,7 +424,10 @@ class Session:
             if self._closed:
                 return
             self._closed = True
-            self._error = error
+            # A failed write came first: it is why the session ended.
+            self._error = error = self._write_error or error
+            if isinstance(error, ProtocolError):
+                self._protocol_errors += 1
             if self._leader is not None:
                 os.eventfd_write(self._wake_fd, 1)
             streams = list(self._streams.values())
@@ -357,10 +443,9 @@ class Session:
             self._reader_cond.notify_all()
             self._writer_cond.notify_all()
             self._notify_idle()
-        if isinstance(error, ProtocolError):
-            log.warning("pysmux: session ended: %s", error)
-        else:
-            log.debug("pysmux: session ended: %s", error)
+        # Every caller learns why (``error``, the exceptions it raises): the
+        # owner of the session reports it, not the library a second time.
+        log.debug("session ended: %s", error)
         # shutdown (not close) wakes a thread blocked in recv or send on Linux;
         # the reader closes the socket once no one is using it.
         with contextlib.suppress(OSError):
@@ -383,6 +468,10 @@ class Session:
             self._queue_control(encode_header(self._version, CMD_FIN, 0, stream.id))
             stream._wake()
             self._unregister_if_done(stream)
+        elif stream._send_state == SEND_RESET:
+            # The session is gone, so no FIN; but a send after the caller's own
+            # shutdown is a broken pipe, as on a socket.
+            stream._send_state = SEND_SHUT
 
     def _shut_recv(self, stream: Stream) -> None:
         if self._leader is stream:
@@ -417,6 +506,8 @@ class Session:
 
     def _queue_control(self, item: _ControlItem) -> None:
         """Queue a control frame; it never waits behind more than one data frame."""
+        if self._write_error is not None:
+            return  # nothing can be written any more
         self._control.append(item)
         self._control_queued += 1
         if not self._tx_busy:
@@ -440,6 +531,8 @@ class Session:
             else:
                 frames.append(item)
         self._control.clear()
+        self._frames_sent += len(frames)
+        self._bytes_sent += sum(map(len, frames))
         self._control_taken = self._control_queued
         if not frames:  # every item was a UPD nobody needs: nothing left to write
             self._control_written = self._control_taken
@@ -454,7 +547,12 @@ class Session:
     def _send_data(
         self, stream: Stream, view: memoryview, deadline: float | None, whole: bool
     ) -> int:
-        """Write ``view`` on ``stream`` frame by frame; the stream's send lock is held."""
+        """Write ``view`` on ``stream`` frame by frame; the stream's send lock is held.
+
+        A frame is committed once its first byte may go out: if the deadline
+        passes (or the caller is interrupted) in the middle of it, the writer
+        task finishes it, as a kernel finishes a socket's buffered bytes.
+        """
         size = len(view)
         sent = 0
         max_frame = self._config.max_frame_size
@@ -464,9 +562,10 @@ class Session:
                 self._wait_sendable(stream, deadline)
                 if stream._timeout == 0.0 and self._tx_busy:
                     # Non-blocking and another task is writing: queue the frame as
-                    # a socket would buffer it, up to a bound.
-                    count = self._queue_data(stream, view[sent:])
-                    sent += count
+                    # a socket would buffer it, up to a bound (then BlockingIOError).
+                    sent += self._queue_data(stream, view[sent:])
+                    if whole:
+                        continue
                     break
                 self._acquire_transport(stream, deadline)
                 error: OSError | None = None
@@ -479,22 +578,23 @@ class Session:
                     count = min(size - sent, max_frame, self._window(stream))
                 if count > 0:
                     stream._num_written = (stream._num_written + count) & _MASK
+                    self._frames_sent += 1
+                    self._bytes_sent += HEADER_SIZE + count
                     frames = self._take_control()
                     frames.append(encode_header(self._version, CMD_PSH, count, stream.id))
                     frames.append(view[sent : sent + count])
             if count <= 0:
-                self._release_transport()
+                self._release_transport(deadline)
                 if error is not None:
                     raise error
                 continue
-            try:
-                written = self._write_frames(frames)
-            finally:
-                self._release_transport()
-            if not written:
+            status = self._write(frames, deadline)
+            if status == _FAILED:
                 with lock:
                     raise stream._send_error()
             sent += count
+            if status == _WRITTEN:
+                self._release_transport(deadline)
             if not whole:
                 break
         return sent
@@ -523,7 +623,15 @@ class Session:
                 raise stream._send_error()
             if self._window(stream) > 0:
                 return
-            self._wait_for_reader(stream, deadline)  # a UPD
+            # The UPD we need may sit behind data nobody reads yet: while we
+            # wait, a v2 reader reads past the session budget (see _may_read).
+            self._window_waiters += 1
+            if self._reader_paused:
+                self._reader_cond.notify_all()
+            try:
+                self._wait_for_reader(stream, deadline)
+            finally:
+                self._window_waiters -= 1
 
     def _acquire_transport(self, stream: Stream, deadline: float | None) -> None:
         """Own the transport, in arrival order behind other streams (lock held)."""
@@ -539,13 +647,8 @@ class Session:
                 stream._wait(deadline)
         except BaseException:
             if stream._tx_granted:
-                # Granted and interrupted at once: pass the transport on.
-                self._tx_busy = True
-                self._lock.release()
-                try:
-                    self._release_transport()
-                finally:
-                    self._lock.acquire()
+                # Granted and interrupted at once: the writer task passes it on.
+                self._hand_to_writer([])
             elif stream in self._tx_waiters:
                 self._tx_waiters.remove(stream)
             raise
@@ -554,7 +657,7 @@ class Session:
         """Wait for progress of the transport (lock held)."""
         self._idle_waiters += 1
         try:
-            self._idle_cond.wait(timeout)
+            self._idle_cond.wait(bounded_wait(timeout))
         finally:
             self._idle_waiters -= 1
 
@@ -562,7 +665,7 @@ class Session:
         if self._idle_waiters:
             self._idle_cond.notify_all()
 
-    def _release_transport(self) -> None:
+    def _release_transport(self, deadline: float | None) -> None:
         """Flush queued control frames, then hand the transport on (lock not held)."""
         while True:
             with self._lock:
@@ -580,50 +683,132 @@ class Session:
                         self._tx_busy = False
                         self._notify_idle()
                     return
-            written = False
-            try:
-                written = self._write_frames(frames)
-            finally:
-                if not written:
-                    with self._lock:
-                        self._tx_busy = False
-                        self._notify_idle()
-            if not written:
+            if self._write(frames, deadline) != _WRITTEN:
                 return
 
-    def _write_frames(self, parts: list[Any]) -> bool:
-        """Write whole frames with one call; on failure end the session and return False.
+    def _hand_to_writer(self, parts: list[Any]) -> None:
+        """Give the transport, with the rest of a started write, to the writer task (lock held).
 
-        A failed write leaves an unknown part of a frame on the wire, so the
-        framing is lost: the session cannot go on (DESIGN.md 5.7).
+        The holder's deadline passed or it was interrupted (``gevent.Timeout``,
+        ``kill()``, ``KeyboardInterrupt``): the writer finishes the frame, so the
+        framing survives and the caller can leave at once.
+        """
+        self._unfinished = parts
+        self._writer_cond.notify()
+
+    def _write(self, parts: list[Any], deadline: float | None) -> int:
+        """Write whole frames (transport held, lock not held): _WRITTEN, _DEFERRED or _FAILED.
+
+        _DEFERRED: the deadline passed first, or this transport cannot bound a
+        write (TLS), so the writer task now holds the transport and finishes the
+        frames. _FAILED: the transport failed and the session is ending.
         """
         try:
-            sendmsg = self._sendmsg
-            if sendmsg is not None:
-                try:
-                    sent = sendmsg(parts)
-                except NotImplementedError:  # TLS sockets, gevent's included
-                    self._sendmsg = sendmsg = None
-            if sendmsg is None:
-                self._sock.sendall(b"".join(parts))
-                return True
-            total = sum(len(p) for p in parts)
-            while sent < total:
-                total -= sent
-                while sent >= len(parts[0]):
-                    sent -= len(parts.pop(0))
-                parts[0] = memoryview(parts[0])[sent:]
-                sent = sendmsg(parts)
-            return True
+            if deadline is not None and self._wait_writable is None:
+                raise _Expired
+            self._transmit(parts, deadline)
+            return _WRITTEN
+        except _Expired:
+            with self._lock:
+                self._hand_to_writer(parts)
+            return _DEFERRED
         except OSError as exc:
-            self._abort(SessionClosedError(errno.EPIPE, f"transport write failed: {exc}"))
-            return False
+            self._fail_write(f"transport write failed: {exc}")
+            return _FAILED
         except BaseException:
-            self._abort(SessionClosedError(errno.EPIPE, "a transport write was interrupted"))
+            if self._sendmsg is None and self._send is None:
+                # Interrupted inside sendall: how much went out is unknown, so
+                # the framing is lost and the session cannot go on.
+                self._fail_write("a transport write was interrupted")
+            else:
+                with self._lock:
+                    self._hand_to_writer(parts)
             raise
 
+    def _fail_write(self, why: str) -> None:
+        """Stop writing for good after a failed write (lock not held).
+
+        Reading goes on until the transport ends: frames the peer sent before it
+        went away (a reply, then its FIN) are still delivered, as a socket
+        still returns data that arrived before a failed send. The reader then
+        ends the session with this error.
+        """
+        with self._lock:
+            self._tx_busy = False
+            self._notify_idle()
+            if self._closed or self._write_error is not None:
+                return
+            self._write_error = SessionClosedError(errno.EPIPE, why)
+            self._control.clear()
+            for stream in [*self._streams.values(), *self._tx_waiters]:
+                if stream._send_state == SEND_OPEN:
+                    stream._send_state = SEND_RESET
+                stream._wake()
+            self._writer_cond.notify_all()
+        log.debug("pysmux: %s; reading on until the transport ends", why)
+        with contextlib.suppress(OSError):
+            self._sock.shutdown(socket.SHUT_WR)
+
+    def _transmit(self, parts: list[Any], deadline: float | None) -> None:
+        """Put ``parts`` on the wire (transport held, lock not held).
+
+        ``parts`` shrinks as bytes go out: after an exception it holds exactly
+        what is left, so another task can finish the frames. With a deadline,
+        writes do not block and ``_Expired`` is raised once it passes.
+        """
+        while parts:
+            count = self._send_some(parts, deadline is not None)
+            if count == 0 and deadline is not None:
+                assert self._wait_writable is not None
+                remaining = deadline - self._runtime.monotonic()
+                if remaining <= 0 or not self._wait_writable(remaining):
+                    raise _Expired
+                continue
+            while parts and count >= len(parts[0]):
+                count -= len(parts.pop(0))
+            if count:
+                parts[0] = memoryview(parts[0])[count:]
+
+    def _send_some(self, parts: list[Any], nowait: bool) -> int:
+        """One write call; how many bytes of ``parts`` went out (0: would block)."""
+        sendmsg = self._sendmsg
+        if sendmsg is not None:
+            try:
+                if not nowait:
+                    return int(sendmsg(parts))
+                try:
+                    return int(sendmsg(parts, (), socket.MSG_DONTWAIT))
+                except BlockingIOError:
+                    return 0
+            except NotImplementedError:  # TLS sockets, gevent's included
+                self._sendmsg = None
+                self._wait_writable = None
+        if len(parts) > 1:
+            parts[:] = [b"".join(parts)]
+        if self._send is not None:
+            return int(self._send(parts[0]))
+        self._sock.sendall(parts[0])  # a minimal transport: all or an error
+        return len(parts[0])
+
     def _write_loop(self) -> None:
-        """Write control frames while the transport is idle; run keepalive."""
+        try:
+            self._write_control()
+        except BaseException as exc:  # a bug, or the task was killed: never half alive
+            if not self._closed:
+                log.exception("pysmux: writer task failed")
+                self._abort(SessionClosedError(errno.EIO, f"writer task failed: {exc!r}"))
+            if not isinstance(exc, Exception):
+                raise
+        finally:
+            with self._lock:
+                if self._unfinished is not None:  # the session ended before it was written
+                    self._unfinished = None
+                    self._tx_busy = False
+                    self._notify_idle()
+
+    def _write_control(self) -> None:
+        """Write control frames while the transport is idle, finish handed-over
+        writes, run keepalive."""
         cfg = self._config
         rt = self._runtime
         interval = cfg.keepalive_interval
@@ -657,15 +842,28 @@ class Session:
                             self._nop_queued = True
                             self._queue_control(encode_header(self._version, CMD_NOP, 0, 0))
                     wait = min(next_ping, self._last_rx + cfg.keepalive_timeout) - now
-                if self._control and not self._tx_busy:
+                unfinished = self._unfinished
+                if unfinished is not None or (self._control and not self._tx_busy):
+                    self._unfinished = None
                     self._tx_busy = True
+                    # Bounded writes where the transport allows them: a peer that
+                    # stops reading must not stop the keepalive clock.
+                    deadline = None
+                    if self._wait_writable is not None:
+                        deadline = rt.monotonic() + _WRITER_SLICE
                     lock.release()
+                    holding = True
                     try:
-                        self._release_transport()
+                        if unfinished is None or self._write(unfinished, deadline) == _WRITTEN:
+                            self._release_transport(deadline)
+                        holding = False  # passed on, handed back to this task, or failed
                     finally:
                         lock.acquire()
+                        if holding:  # an exception: this task is about to end
+                            self._tx_busy = False
+                            self._notify_idle()
                     continue
-                self._writer_cond.wait(wait)
+                self._writer_cond.wait(bounded_wait(wait))
         finally:
             lock.release()
 
@@ -708,13 +906,16 @@ class Session:
                 with lock:
                     try:
                         if not self._closed:
-                            self._absorb()
+                            self._absorb(_FRAMES_PER_SLICE)
                         if self._handed_off:
                             # The woken reader will likely read the next frame itself.
                             self._handed_off = False
                             self._reader_active = self._runtime.monotonic()
                     finally:
                         self._end_read_turn()
+            # A peer that never stops sending must not starve the other
+            # greenlets: on gevent a read with data waiting never yields.
+            self._runtime.yield_now()
 
     def _take_read_turn(self) -> bool:
         """Wait until the reader task should read; False once the session is closed.
@@ -722,17 +923,17 @@ class Session:
         It reads at once when direct reads are off, or a task waits for frames
         without reading itself. Otherwise it lingers briefly after a stream
         reader was active: that reader will most likely read the next frame
-        itself, with no hand-off between threads (lock held).
+        itself, with no hand-off between threads. While a stream reader holds
+        the read turn it sleeps until that turn ends, so an idle session costs
+        no periodic wake-ups (lock held).
         """
         rt = self._runtime
-        limit = self._config.max_receive_buffer
         while not self._closed:
-            wait: float | None = _LINGER_SECONDS
-            if self._buffered >= limit or self._refusals_queued > _MAX_QUEUED_REFUSALS:
+            wait: float | None = None
+            if not self._may_read():
                 # Applications (unread data) or the transport (refusal FINs not
                 # yet written) lag behind: stop reading, memory stays bounded.
                 self._reader_paused = True
-                wait = None
             elif not self._reading:
                 self._reader_paused = False
                 idle = rt.monotonic() - self._reader_active
@@ -740,16 +941,34 @@ class Session:
                     self._reading = True
                     return True
                 wait = _LINGER_SECONDS - idle
+            else:
+                self._bg_parked = True  # woken when the stream reader's turn ends
             self._bg_waiting = True
             self._reader_cond.wait(wait)
-            self._bg_waiting = False
+            self._bg_waiting = self._bg_parked = False
         return False
+
+    def _may_read(self) -> bool:
+        """Whether anyone may read more frames now (lock held): the bounds on
+        unread data and on unwritten refusals hold for every reader.
+
+        Version 2 reads past the session budget while a local writer waits for
+        a window update: pausing then could deadlock (the UPD sits behind data
+        that the waiting writers would read after they wrote). Memory stays
+        bounded by the stream windows, which ``_on_psh`` enforces, and no new
+        stream is accepted while over the budget.
+        """
+        if self._refusals_queued > _MAX_QUEUED_REFUSALS:
+            return False
+        if self._buffered < self._config.max_receive_buffer:
+            return True
+        return self._version == 2 and self._window_waiters > 0
 
     def _end_read_turn(self) -> None:
         self._reading = False
         if self._closed:
             self._notify_idle()
-        elif self._followers and self._bg_waiting:
+        elif self._bg_waiting and (self._followers or self._bg_parked):
             self._reader_cond.notify_all()
 
     def _fill(self, deadline: float | None, lead: bool) -> None:
@@ -758,6 +977,8 @@ class Session:
         A stream reader (``lead``) polls with its deadline and the wake-up fd,
         so that a timeout or a local close interrupts it; the reader task blocks.
         """
+        if self._more_frames:
+            return  # complete frames wait in the buffer: handle them first
         buf = self._rbuf
         start, end = self._rstart, self._rend
         if len(buf) - end < _MAX_FRAME:
@@ -768,7 +989,9 @@ class Session:
             if deadline is None:
                 timeout_ms = -1
             else:
-                timeout_ms = max(0, math.ceil((deadline - self._runtime.monotonic()) * 1000))
+                wait = bounded_wait(deadline - self._runtime.monotonic())
+                assert wait is not None
+                timeout_ms = math.ceil(wait * 1000)
             events = self._poller.poll(timeout_ms)
             if not events:
                 return
@@ -792,11 +1015,16 @@ class Session:
             raise SessionClosedError(errno.ECONNRESET, f"transport closed by the peer ({where})")
         self._rend = end + count
         self._last_rx = self._runtime.monotonic()
+        self._bytes_received += count  # one writer: whoever holds the read turn
 
-    def _absorb(self) -> None:
-        """Handle the complete frames in the read buffer (read turn and lock held)."""
+    def _absorb(self, limit: int = 0) -> None:
+        """Handle the complete frames in the read buffer (read turn and lock held).
+
+        With a ``limit``, at most that many: the rest wait in the buffer
+        (``_more_frames``) and are handled before the transport is read again.
+        """
         view, end = self._rview, self._rend
-        start = self._dispatch(view, self._rstart, end)
+        start = self._dispatch(view, self._rstart, end, limit)
         if self._syn_stalled:
             start = self._wait_for_accept(view, start, end)
         if start == end:
@@ -813,7 +1041,7 @@ class Session:
             self._direct_reads
             and not self._reading
             and stream._timeout != 0.0
-            and self._buffered < self._config.max_receive_buffer
+            and self._may_read()
         ):
             self._read_directly(stream, deadline)
             return
@@ -860,19 +1088,28 @@ class Session:
             finally:
                 self._lock.acquire()
 
-    def _dispatch(self, view: memoryview, start: int, end: int) -> int:
-        """Handle every complete frame in ``view[start:end]``; return where the rest begins."""
+    def _dispatch(self, view: memoryview, start: int, end: int, limit: int = 0) -> int:
+        """Handle the complete frames in ``view[start:end]`` (all, or up to ``limit``
+        of them); return where the rest begins."""
         unpack = HEADER.unpack_from
         version = self._version
         handlers = self._handlers
+        self._more_frames = False
+        count = 0
         while end - start >= HEADER_SIZE:
+            if limit and count == limit:
+                self._more_frames = True
+                break
+            count += 1
             ver, cmd, length, stream_id = unpack(view, start)
             if ver != version:
-                raise ProtocolError(
+                error = ProtocolError(
                     errno.EPROTO,
                     f"peer sent a version {ver} frame to a version {version} session "
                     f"(both ends must use the same Config.version)",
                 )
+                error.received = bytes(view[start : min(end, start + 64)])
+                raise error
             handler = handlers.get(cmd)
             if handler is None:
                 raise ProtocolError(errno.EPROTO, f"peer sent unknown command {cmd}")
@@ -881,6 +1118,7 @@ class Session:
             payload_end = start + HEADER_SIZE + length
             if payload_end > end:
                 break
+            self._frames_received += 1
             handler(stream_id, view[start + HEADER_SIZE : payload_end])
             if self._syn_stalled:
                 break  # this SYN waits for room in the accept queue
@@ -891,7 +1129,7 @@ class Session:
         """The accept queue is full: wait for room, then refuse (lock held).
 
         A burst of SYNs larger than the backlog is common (Go clients open many
-        streams at once) and a refused Go stream can hang (DESIGN.md 5.1), so
+        streams at once) and a refused Go stream can hang (docs/design.md 9.1), so
         the reader first gives the application time to accept.
         """
         rt = self._runtime
@@ -949,6 +1187,11 @@ class Session:
         if len(self._streams) >= cfg.max_streams:
             self._refuse(stream_id, "max_streams")
             return
+        if self._buffered >= cfg.max_receive_buffer and self._window_waiters:
+            # Reading past the budget for writers that wait for a UPD (version
+            # 2, see _may_read): a new stream could bring another whole window.
+            self._refuse(stream_id, "max_receive_buffer")
+            return
         if len(self._accept_queue) >= cfg.accept_backlog:
             if not self._refusing:
                 self._syn_stalled = True
@@ -959,6 +1202,7 @@ class Session:
         stream = Stream(self, stream_id)
         self._streams[stream_id] = stream
         self._accept_queue.append(stream)
+        self._streams_accepted += 1
         self._accept_cond.notify()
 
     def _refuse(self, stream_id: int, limit: str) -> None:
@@ -996,10 +1240,26 @@ class Session:
             if stream is None and length < _CHEAP_PAYLOAD:
                 self._orphan(stream_id, "PSH for an unknown stream")
             return
+        if self._version == 2 and stream._recv_buffered + length > self._stream_limit:
+            raise ProtocolError(
+                errno.EPROTO,
+                f"peer overran the window of stream {stream_id}: "
+                f"{stream._recv_buffered + length} bytes unread, at most "
+                f"{self._stream_limit} allowed",
+            )
         chunks = stream._chunks
         if chunks is None:
             chunks = stream._chunks = deque()
-        chunks.append(bytes(payload))
+        if length >= _SMALL_PAYLOAD:
+            chunks.append(bytes(payload))
+        else:
+            # Small payloads share one growing buffer: a peer's 1-byte frames
+            # must cost about a byte each, not a Python object each.
+            tail = chunks[-1] if chunks else None
+            if type(tail) is bytearray and len(tail) < _COALESCE_LIMIT:
+                tail += payload
+            else:
+                chunks.append(bytearray(payload))
         stream._recv_buffered += length
         self._buffered += length
         if stream._waiting:

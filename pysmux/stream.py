@@ -38,6 +38,7 @@ from collections import deque
 from typing import TYPE_CHECKING, Any
 
 from .errors import SmuxError
+from .runtime import bounded_wait, check_timeout
 
 if TYPE_CHECKING:
     from .runtime import Condition
@@ -93,7 +94,8 @@ class Stream:
         self._timeout: float | None = session._default_timeout
         # Receive buffer: whole payloads, the first one read from offset _head;
         # made on the first payload, so an idle stream stays small.
-        self._chunks: deque[bytes] | None = None
+        # Small payloads are coalesced into bytearrays (see Session._on_psh).
+        self._chunks: deque[bytes | bytearray] | None = None
         self._head = 0
         self._recv_buffered = 0
         # Created on first wait: an idle stream stays small.
@@ -129,15 +131,19 @@ class Stream:
         else:
             remaining = deadline - self._session._runtime.monotonic()
             if remaining <= 0:
-                if self._timeout == 0.0:
-                    raise BlockingIOError(errno.EAGAIN, "stream operation would block")
-                raise TimeoutError("timed out")
+                raise self._expired()
         cond = self._condition()
         self._waiting += 1
         try:
-            cond.wait(remaining)
+            cond.wait(bounded_wait(remaining))
         finally:
             self._waiting -= 1
+
+    def _expired(self) -> OSError:
+        """What a call whose deadline passed raises: as a socket in this mode."""
+        if self._timeout == 0.0:
+            return BlockingIOError(errno.EAGAIN, "stream operation would block")
+        return TimeoutError("timed out")
 
     def _wake(self) -> None:
         if self._waiting:
@@ -170,12 +176,21 @@ class Stream:
 
     def recv_into(self, buffer: Any, nbytes: int = 0, flags: int = 0) -> int:
         """Read into a writable buffer, as ``socket.recv_into``; 0 means EOF."""
+        # Every argument is checked before the stream is touched: a bad call
+        # must not take data out of the buffer and then fail.
         view = memoryview(buffer).cast("B")
+        if view.readonly:
+            raise TypeError(
+                "recv_into() argument 'buffer' must be read-write bytes-like object, "
+                f"not {type(buffer).__name__}"
+            )
         if nbytes < 0:
             raise ValueError("negative buffersize in recv_into")
+        if nbytes > len(view):
+            raise ValueError("buffer too small for requested bytes")
         if flags:
             raise ValueError("flags are not supported")
-        if nbytes == 0 or nbytes > len(view):
+        if nbytes == 0:
             nbytes = len(view)
         with self._session._lock:
             if not self._wait_readable(nbytes):
@@ -209,14 +224,14 @@ class Stream:
             # The common bulk case: hand out a whole payload without a copy.
             chunks.popleft()
             self._recv_buffered -= len(first)
-            return first
+            return first if type(first) is bytes else bytes(first)
         out = self._take_into_list(size)
         return b"".join(out)
 
-    def _take_into_list(self, size: int) -> list[bytes | memoryview]:
+    def _take_into_list(self, size: int) -> list[bytes | bytearray | memoryview]:
         chunks = self._chunks
         assert chunks is not None  # data is buffered
-        out: list[bytes | memoryview] = []
+        out: list[bytes | bytearray | memoryview] = []
         while size and chunks:
             first = chunks[0]
             avail = len(first) - self._head
@@ -270,11 +285,10 @@ class Stream:
         if deadline is None:
             self._send_lock.acquire()
         else:
-            remaining = max(0.0, deadline - session._runtime.monotonic())
-            if not self._send_lock.acquire(True, remaining):
-                if self._timeout == 0.0:
-                    raise BlockingIOError(errno.EAGAIN, "stream operation would block")
-                raise TimeoutError("timed out")
+            clock = session._runtime.monotonic
+            while not self._send_lock.acquire(True, bounded_wait(deadline - clock()) or 0.0):
+                if clock() >= deadline:
+                    raise self._expired()
         try:
             return session._send_data(self, view, deadline, whole)
         finally:
@@ -291,17 +305,18 @@ class Stream:
     # -- socket-like settings --------------------------------------------------------
 
     def settimeout(self, value: float | None) -> None:
-        """None blocks, 0 is non-blocking, a positive number bounds each call."""
-        if value is not None:
-            value = float(value)
-            if value < 0:
-                raise ValueError("Timeout value out of range")
-        self._timeout = value
+        """None blocks, 0 is non-blocking, a positive number bounds each call.
+
+        As ``socket.settimeout``: ``ValueError`` for a negative value or NaN;
+        a huge value (``1e10``, ``inf``) means "wait that long"."""
+        self._timeout = check_timeout(value)
 
     def gettimeout(self) -> float | None:
+        """The timeout in seconds set by ``settimeout`` (None: blocking; 0.0: non-blocking)."""
         return self._timeout
 
     def setblocking(self, flag: bool) -> None:
+        """``setblocking(True)`` is ``settimeout(None)``; ``False`` is ``settimeout(0.0)``."""
         self._timeout = None if flag else 0.0
 
     # -- closing ---------------------------------------------------------------------

@@ -8,13 +8,13 @@ resolver (gevent's resolver would start threads of its own).
 from __future__ import annotations
 
 import errno
-import ipaddress
 import socket
 from collections.abc import Callable
 from typing import Any
 
 from .runtime import Runtime
 from .tunnel import parse_address
+from .tunnel.net import Net
 
 __all__ = ["Address", "as_address", "dial", "listen"]
 
@@ -32,24 +32,11 @@ def as_address(addr: str | Address, default_host: str = "127.0.0.1") -> Address:
     return (str(host) or default_host, port)
 
 
-def _candidates(rt: Runtime, addr: Address, passive: bool) -> list[tuple[int, Any]]:
-    host, port = addr
-    try:
-        ip = ipaddress.ip_address(host)
-    except ValueError:
-        flags = socket.AI_PASSIVE if passive else 0
-        infos = rt.socket_module().getaddrinfo(host, port, 0, socket.SOCK_STREAM, 0, flags)
-        return [(info[0], info[4]) for info in infos]
-    if ip.version == 6:
-        return [(socket.AF_INET6, (host, port, 0, 0))]
-    return [(socket.AF_INET, (host, port))]
-
-
 def _first(rt: Runtime, addr: Address, passive: bool, setup: Callable[[Any, Any], None]) -> Any:
     """A socket on which ``setup(sock, sockaddr)`` succeeded, for the first address of
     ``addr`` that works; the last ``OSError`` if none does."""
     last: OSError | None = None
-    for family, sockaddr in _candidates(rt, addr, passive):
+    for family, sockaddr in Net(rt).resolve(addr, passive):
         sock = rt.socket_module().socket(family, socket.SOCK_STREAM)
         try:
             setup(sock, sockaddr)

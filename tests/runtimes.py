@@ -41,6 +41,7 @@ __all__ = [
     "gevent_available",
     "gevent_patched",
     "harness_for",
+    "in_ci",
     "live_greenlets",
 ]
 
@@ -63,6 +64,12 @@ def gevent_available() -> bool:
     except ImportError:
         return False
     return True
+
+
+def in_ci() -> bool:
+    """True under ``CI=true``: there a missing dependency fails the run instead of
+    skipping the tests that need it (a green CI must have run everything)."""
+    return os.environ.get("CI", "").lower() == "true"
 
 
 def configured_runtimes() -> tuple[str, ...]:
@@ -266,7 +273,7 @@ class _GreenWorker(Worker):
 
 
 class _GreenCondition:
-    """``threading.Condition`` for greenlets (gevent has none; notes/gevent.md 2.1)."""
+    """``threading.Condition`` for greenlets (gevent has none; docs/design.md 13)."""
 
     def __init__(self, semaphore: Any) -> None:
         self._semaphore = semaphore

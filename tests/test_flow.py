@@ -8,7 +8,8 @@ import socket
 
 import pytest
 
-from tests.util import payload, recv_exact, recv_to_eof, sha256, spawn
+import pysmux
+from tests.util import payload, recv_exact, recv_to_eof, sha256, spawn, wait_until
 
 
 def test_v2_slow_reader_does_not_stop_another_stream(pair):
@@ -116,3 +117,85 @@ def test_many_streams_share_transport_fairly(pair, version):
         assert sha256(r.result(30)) == sha256(d)
     for w in writers:
         w.result(10)
+
+
+@pytest.mark.parametrize("streams", [64, 256])
+def test_v2_echo_with_default_config_never_stalls(pair, streams):
+    """The v2 stall pattern, with the default Config: echo handlers that write
+    each chunk back before they read the next, and a client that starts reading
+    the echoes only once every handler is blocked on its window (as a slow
+    client would). Every stream may carry 256 KiB before the first UPD, far past
+    the 4 MiB session budget; a reader that paused there left every echo
+    handler waiting for UPDs queued behind the pause, and nobody read again (a
+    deadlock). The session reads on while writers wait, so every byte returns.
+
+    The server, the side under test, has the default Config. The client holds
+    every echo until it starts reading, so its budget covers them: it plays a
+    slow client, not the session being tested."""
+    client, server = pair(
+        client_config=pysmux.Config(version=2, max_receive_buffer=(streams + 16) * 256 * 1024),
+        server_config=pysmux.Config(version=2),
+    )
+    size = 512 * 1024  # two initial windows: the handlers must wait for UPDs
+    blocked: list[int] = []
+
+    def echo(st) -> int:
+        total = 0
+        while True:
+            chunk = st.recv(65536)
+            if not chunk:
+                st.close()
+                return total
+            if total < 256 * 1024 <= total + len(chunk):
+                blocked.append(st.id)  # this write fills the window the client gave
+            st.sendall(chunk)
+            total += len(chunk)
+
+    def serve() -> list[int]:
+        handlers = [spawn(echo, server.accept_stream(timeout=10)) for _ in range(streams)]
+        return [h.result(60) for h in handlers]
+
+    def send(st, data: bytes) -> None:
+        st.sendall(data)
+        st.shutdown(socket.SHUT_WR)
+
+    server_task = spawn(serve)
+    mine = [client.open_stream() for _ in range(streams)]
+    datas = [payload(size, st.id) for st in mine]
+    writers = [spawn(send, st, data) for st, data in zip(mine, datas, strict=True)]
+    wait_until(lambda: len(blocked) == streams, 30, "every echo handler fills its window")
+    readers = [spawn(recv_to_eof, st) for st in mine]
+    for w in writers:
+        w.result(60)
+    for r, data in zip(readers, datas, strict=True):
+        assert sha256(r.result(60)) == sha256(data)
+    assert server_task.result(60) == [size] * streams
+    assert client.error is None and server.error is None
+
+
+def test_v2_peer_that_overruns_a_window_is_a_protocol_error(runtime):
+    """Per-stream windows are the v2 memory bound: a peer that sends more than the
+    window allows on a stream nobody reads is ended with ProtocolError."""
+    import pysmux
+    from pysmux import frame
+    from tests.rawpeer import RawPeer
+    from tests.util import socketpair
+
+    mine, theirs = socketpair()
+    with mine, theirs:
+        session = pysmux.server(
+            mine, config=pysmux.Config(version=2, keepalive=False), runtime=runtime
+        )
+        try:
+            peer = RawPeer(theirs, version=2)
+            peer.syn(3)
+            chunk = b"w" * 32768
+            for _ in range(8):  # 256 KiB: exactly the window Go assumes
+                peer.psh(3, chunk)
+            peer.psh(3, b"!")  # one byte past it
+            wait_until(lambda: session.closed, 5, "the session ends")
+            assert isinstance(session.error, pysmux.ProtocolError)
+            assert "overran the window" in str(session.error)
+            assert frame.HEADER_SIZE == 8
+        finally:
+            session.close()

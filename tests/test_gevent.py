@@ -1,4 +1,4 @@
-"""What only the gevent runtime has to prove (notes/gevent.md): many greenlets on one
+"""What only the gevent runtime has to prove (docs/design.md 13): many greenlets on one
 session, a hub that is never blocked, fair sharing between greenlets, prompt wake-ups,
 clean shutdown of the session's greenlets, refusing sockets that would freeze the hub,
 and choosing the runtime by patch state.
@@ -53,7 +53,7 @@ class HubWatch:
     """Two independent witnesses that the hub keeps running.
 
     * a ticker greenlet that sleeps ``tick`` seconds in a loop and records how
-      late it wakes (the robust check, notes/gevent.md 2.6);
+      late it wakes (the robust check, docs/design.md 13);
     * gevent's own monitor thread (a native thread) that reports an
       ``EventLoopBlocked`` event when no greenlet switch happened for
       ``gevent.config.max_blocking_time`` (0.1 s). It is made here rather than
@@ -294,15 +294,74 @@ def test_hub_never_blocked_during_bulk_transfer(pair, hub_watch, version):
     assert watch.ticks > 10
 
 
+def test_hub_never_blocked_by_a_flood_of_tiny_frames(runtime, hub_watch):
+    """A peer (a child process) that never stops sending 1-byte frames: the
+    reader greenlet always finds data waiting, and gevent's recv then never
+    yields. The reader yields after each slice of frames itself, so the other
+    greenlets keep running (an echo server stalled for 6.6 s before)."""
+    import gevent
+    import gevent.socket
+
+    from pysmux import frame
+
+    plain_mine, theirs = socket.socketpair()
+    mine = gevent.socket.socket(fileno=plain_mine.detach())
+    one = frame.encode_header(1, frame.CMD_PSH, 1, 3) + b"x"
+    code = (
+        "import socket, sys, time\n"
+        "s = socket.socket(fileno=int(sys.argv[1]))\n"
+        "flood = bytes.fromhex(sys.argv[2]) * 8192\n"
+        "deadline = time.monotonic() + 1.5\n"
+        "while time.monotonic() < deadline:\n"
+        "    s.sendall(flood)\n"
+        "s.close()\n"
+    )
+    with mine, theirs:
+        session = pysmux.server(mine, config=pysmux.Config(keepalive=False), runtime=runtime)
+        theirs.sendall(frame.encode_header(1, frame.CMD_SYN, 0, 3))
+        try:
+            st = session.accept_stream(timeout=5)
+            watch = hub_watch()
+            flooder = subprocess.Popen(
+                [sys.executable, "-c", code, str(theirs.fileno()), one.hex()],
+                pass_fds=[theirs.fileno()],
+            )
+
+            def drain() -> int:
+                # Like a socket, a stream with data waiting does not yield: an
+                # application loop that only reads must yield itself.
+                total = 0
+                st.settimeout(0.5)
+                while flooder.poll() is None:
+                    try:
+                        total += len(st.recv(1 << 16))
+                    except TimeoutError:
+                        continue
+                    gevent.sleep(0)
+                return total
+
+            try:
+                assert spawn(drain).result(20) > 0
+            finally:
+                flooder.kill()
+                flooder.wait(10)
+            watch.check()
+            assert watch.ticks > 10
+        finally:
+            session.close()
+
+
 def test_hub_never_blocked_while_many_streams_open_and_close(pair, hub_watch):
     """Request/response on 2,000 short streams from 50 greenlets: the same promise."""
     client, server = pair(version=2)
     watch = hub_watch()
 
+    echoers = []
+
     def serve() -> None:
         for _ in range(2000):
             st = server.accept_stream(timeout=10)
-            spawn(lambda st=st: (st.sendall(recv_to_eof(st)), st.close()))
+            echoers.append(spawn(lambda st=st: (st.sendall(recv_to_eof(st)), st.close())))
 
     def ask(k: int) -> None:
         for i in range(40):
@@ -317,6 +376,8 @@ def test_hub_never_blocked_while_many_streams_open_and_close(pair, hub_watch):
     for a in askers:
         a.result(60)
     server_task.result(10)
+    for echoer in echoers:
+        echoer.result(10)
     wait_until(lambda: server.num_streams == 0, 10, "server streams freed")
     watch.check()
 
@@ -326,17 +387,21 @@ def test_hub_watch_sees_a_blocked_hub(hub_watch):
     is caught by both witnesses."""
     watch = hub_watch()
     sleep(0.05)  # let the ticker start
-    end = time.thread_time() + 0.5
-    while time.thread_time() < end:  # busy, never yielding: what a blocking call does
+    # Busy, never yielding (what a blocking call does): 0.5 s of CPU, and on until the
+    # monitor thread has reported it, which takes longer when other processes compete
+    # for the CPU (the monitor then sees short spans of hub time and discounts them).
+    start = time.thread_time()
+    while time.thread_time() - start < 0.5 or (
+        not watch.blocked and time.thread_time() - start < 10
+    ):
         pass
-    sleep(0.15)  # let both witnesses look
+    assert watch.blocked, "no EventLoopBlocked from the monitor in 10 s of CPU without a switch"
+    sleep(0.15)  # let the ticker wake and measure how late it is
     with pytest.raises(AssertionError, match="late"):
         watch.check()
     assert watch.max_late >= 0.3, (watch.max_late, watch.max_late_wall)
-    assert watch.blocked_raw, "the monitor thread saw nothing"
-    if watch.blocked:
-        with pytest.raises(AssertionError, match="EventLoopBlocked"):
-            watch.check(ticker=False)
+    with pytest.raises(AssertionError, match="EventLoopBlocked"):
+        watch.check(ticker=False)
 
 
 # -- fairness -------------------------------------------------------------------------
@@ -394,6 +459,8 @@ def test_two_greenlets_sending_bulk_share_the_session_fairly(pair, version):
 def test_every_blocked_greenlet_wakes_within_a_second(runtime, how):
     """Greenlets blocked in recv, recv_into, readline, sendall (transport full) and
     accept_stream all wake within a second of the session's end, with an OSError."""
+    import gevent
+
     keepalive = how == "keepalive-timeout"
     cfg = pysmux.Config(keepalive=keepalive, keepalive_interval=0.1, keepalive_timeout=0.5)
     mine, silent = socketpair()  # `silent` never reads or writes until told to die
@@ -416,7 +483,9 @@ def test_every_blocked_greenlet_wakes_within_a_second(runtime, how):
                 calls.append(spawn(session.accept_stream, name="accept_stream"))
             for c in calls:
                 assert c.started_call.wait(5)
-            sleep(0.05)  # give each call the chance to return early (none may)
+            # Once the loop is idle every greenlet that could run has run: a call that
+            # returns without the session ending would have returned by now.
+            gevent.idle()
             early = [c.name for c in calls if not c.is_alive()]
             assert not early, f"returned before the session ended: {early}"
 
@@ -454,35 +523,6 @@ def test_close_joins_the_session_greenlets(pair):
     server.close()
     alive = [g.name for g in mine if not g.dead]
     assert not alive, f"still running after close(): {alive}"
-
-
-def test_gevent_timeout_inside_a_frame_write_ends_the_session_cleanly(runtime):
-    """A gevent.Timeout (or kill) that interrupts a frame half-written leaves the
-    framing unknown: the session ends, and the peer sees whole frames, then EOF."""
-    import gevent
-
-    from tests.rawpeer import RawPeer
-
-    mine, theirs = socketpair()
-    with mine, theirs:
-        session = pysmux.client(mine, config=pysmux.Config(keepalive=False), runtime=runtime)
-        try:
-            st = session.open_stream()
-            with pytest.raises(gevent.Timeout), gevent.Timeout(0.2):
-                st.sendall(b"y" * (8 << 20))  # nobody reads: blocks inside a frame write
-            wait_until(lambda: session.closed, 1, "session ends")
-            with pytest.raises(pysmux.StreamResetError):
-                st.send(b"z")
-            peer = RawPeer(theirs)
-            total = 0
-            with pytest.raises(EOFError):  # whole frames up to the cut, then nothing
-                for _ in range(10_000):
-                    f = peer.read_frame(timeout=5)
-                    assert f.sid in (0, st.id), f
-                    total += len(f.data)
-            assert 0 < total < 8 << 20
-        finally:
-            session.close()
 
 
 def test_gevent_timeout_while_waiting_leaves_the_session_usable(pair):

@@ -1,84 +1,87 @@
-"""Measuring helpers of the load, demo and attack commands: latency percentiles in
-bounded memory, byte counts, and the progress line that only a terminal gets (checked
-through the commands that draw it)."""
+"""``Session.stats()``: what a session counts, exactly, on both runtimes."""
 
 from __future__ import annotations
 
-import argparse
-import io
-import random
-import re
+import socket
+from collections.abc import Callable
+from typing import Any
 
-import pytest
-
-from pysmux import Config, demo, load
-from pysmux.stats import LatencyHistogram, ProgressLine, format_bytes
-from pysmux.tunnel import EchoServer
-
-PURE = pytest.mark.runtime_independent(reason="pure functions, no I/O")
+from pysmux.errors import ProtocolError
+from pysmux.frame import HEADER_SIZE
+from tests.util import recv_exact, recv_to_eof, socketpair, wait_until
 
 
-class FakeTty(io.StringIO):
-    def isatty(self) -> bool:
-        return True
+def test_stats_count_streams_frames_and_bytes(runtime: str, pair: Callable[..., Any]) -> None:
+    """An operator reading a session's figures sees exactly what happened: 3 streams opened
+    by the client and accepted by the server, every byte each side wrote counted as the
+    other side read it (headers included), data frames and control frames counted, the
+    unread bytes as buffered, and the streams gone from the gauge once closed."""
+    client, server = pair(keepalive=False)
+    streams = [client.open_stream() for _ in range(3)]
+    for i, stream in enumerate(streams):
+        stream.sendall(bytes([i]) * 1000)
+    accepted = [server.accept_stream(5) for _ in range(3)]
+    for i, stream in enumerate(accepted):
+        assert recv_exact(stream, 1000) == bytes([i]) * 1000
+    accepted[0].sendall(b"x" * 500)  # left unread by the client for a while
+    wait_until(lambda: client.stats()["buffered_bytes"] == 500, 5, "reply buffered")
+
+    cs, ss = client.stats(), server.stats()
+    assert (cs["streams_opened"], cs["streams_accepted"]) == (3, 0)
+    assert (ss["streams_opened"], ss["streams_accepted"]) == (0, 3)
+    assert cs["streams"] == ss["streams"] == 3
+    # 3 SYN + 3 PSH from the client; 1 PSH from the server.
+    assert cs["frames_sent"] == ss["frames_received"] == 6
+    assert cs["bytes_sent"] == ss["bytes_received"] == 6 * HEADER_SIZE + 3000
+    assert ss["frames_sent"] == cs["frames_received"] == 1
+    assert ss["bytes_sent"] == cs["bytes_received"] == HEADER_SIZE + 500
+    assert cs["protocol_errors"] == ss["protocol_errors"] == 0
+
+    assert recv_exact(streams[0], 500) == b"x" * 500
+    assert client.stats()["buffered_bytes"] == 0
+    for a, b in zip(streams, accepted, strict=True):
+        a.shutdown(socket.SHUT_WR)
+        b.shutdown(socket.SHUT_WR)
+        assert recv_to_eof(b) == b""
+        assert recv_to_eof(a) == b""
+        a.close()
+        b.close()
+    wait_until(lambda: client.stats()["streams"] == server.stats()["streams"] == 0, 5, "gone")
+    assert set(client.stats()) == {
+        "streams_opened", "streams_accepted", "streams_refused", "frames_sent", "bytes_sent",
+        "frames_received", "bytes_received", "dropped_frames", "protocol_errors", "streams",
+        "buffered_bytes",
+    }  # fmt: skip
 
 
-@PURE
-def test_histogram_percentiles_within_one_percent(runtime: str) -> None:
-    rng = random.Random(5)
-    samples = [rng.lognormvariate(-7, 1.5) for _ in range(20_000)]
-    halves = LatencyHistogram(), LatencyHistogram()
-    for k, s in enumerate(samples):
-        halves[k % 2].record(s)
-    hist = halves[0]
-    hist.merge(halves[1])
-    assert hist.count == len(samples) and hist.max == max(samples)
-    assert len(hist._buckets) < 2000  # bounded, whatever the number of samples
-    ordered = sorted(samples)
-    for p in (50, 90, 99, 99.9):
-        exact = ordered[max(0, int(len(ordered) * p / 100) - 1)]
-        assert exact * 0.98 <= hist.percentile(p) <= exact * 1.02, p
-    assert hist.percentile(100) == hist.max
-    assert abs(hist.mean - sum(samples) / len(samples)) < 1e-9
-    assert LatencyHistogram().percentile(99) == 0.0
+def test_stats_count_refusals_and_protocol_errors(runtime: str, pair: Callable[..., Any]) -> None:
+    """Streams refused past a limit and a session ended by a protocol violation show in the
+    counters; the error keeps the offending bytes, so a caller can say what the peer is."""
+    client, server = pair(keepalive=False, max_streams=2)
+    kept = [client.open_stream() for _ in range(3)]
+    for stream in kept:
+        stream.sendall(b"hi")
+    wait_until(lambda: server.stats()["streams_refused"] == 1, 5, "third stream refused")
+    assert server.stats()["streams_accepted"] == 2
+    assert recv_to_eof(kept[2]) == b""  # the refusal's FIN
 
 
-@PURE
-def test_format_bytes_and_progress_line(runtime: str) -> None:
-    assert [format_bytes(n) for n in (0, 999, 1500, 2_500_000, 7e12)] == [
-        "0 B", "999 B", "1.5 kB", "2.5 MB", "7000.0 GB"]  # fmt: skip
-    tty, pipe = FakeTty(), io.StringIO()
-    for stream in (tty, pipe):
-        line = ProgressLine(stream)
-        line.show("working")
-        line.clear()
-    assert tty.getvalue() == "\r\x1b[Kworking\r\x1b[K"
-    assert pipe.getvalue() == ""  # a pipe or a log file gets no progress noise
-    assert ProgressLine.bar(0.5, 10) == "[#####.....]"
+def test_protocol_error_keeps_the_offending_bytes(runtime: str) -> None:
+    """A session whose peer answers with something that is not smux ends with a
+    ``ProtocolError`` that keeps the first bytes received, so a caller can say what the peer
+    is (here an HTTP server), and the error is counted."""
+    import pysmux
 
-
-def test_load_and_demo_draw_progress_on_a_terminal(
-    runtime: str, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
-) -> None:
-    """``pysmux load`` shows its live rate and errors, ``pysmux demo`` its progress bar,
-    on stderr when it is a terminal; stdout gets the summary only."""
-    tty = FakeTty()
-    monkeypatch.setattr("sys.stderr", tty)
-    with EchoServer("127.0.0.1:0", runtime=runtime) as srv:
-        args = argparse.Namespace(
-            remote=[f"127.0.0.1:{srv.address[1]}"], mode="echo", conns=1, streams=2,
-            duration=0.6, requests=None, size=32, runtime=runtime, timeout=5.0,
-            connect_timeout=5.0, json=True,
-        )  # fmt: skip
-        assert load.run(args, Config()) == 0
-    assert "requests" in tty.getvalue() and "errors" in tty.getvalue(), tty.getvalue()
-    assert tty.getvalue().endswith("\r\x1b[K")  # cleared before the summary
-    assert capsys.readouterr().out.count("\n") == 1  # --json: one line
-    tty.seek(0)
-    tty.truncate()
-    args = argparse.Namespace(connections=20, calls=40, size=2000, concurrency=4,
-                              runtime=runtime, verbose=0)  # fmt: skip
-    assert demo.run(args, Config()) == 0
-    bar = r"\[[#.]{30}\] connections \d+/20  RPC calls \d+/40"
-    assert re.search(bar, tty.getvalue()), tty.getvalue()
-    assert "all 20 connections verified" in capsys.readouterr().out
+    ours, theirs = socketpair()
+    try:
+        session = pysmux.server(ours, config=pysmux.Config(keepalive=False), runtime=runtime)
+        theirs.sendall(b"HTTP/1.1 400 Bad Request\r\n\r\n")
+        wait_until(lambda: session.closed, 5, "session ended")
+        error = session.error
+        assert isinstance(error, ProtocolError)
+        assert error.received.startswith(b"HTTP/1.1 400")
+        stats = session.stats()
+        assert (stats["protocol_errors"], stats["frames_received"]) == (1, 0)
+        session.close()
+    finally:
+        theirs.close()

@@ -12,7 +12,7 @@ import pytest
 
 import pysmux
 from pysmux import session as session_module
-from tests.util import socketpair, spawn
+from tests.util import socketpair, spawn, wait_until
 
 
 def choppy_transport(sock: Any, seed: int) -> Any:
@@ -149,13 +149,18 @@ def test_recently_closed_ids_are_bounded(pair: Any, monkeypatch: pytest.MonkeyPa
     """The memory of closed stream ids (frames for them are not junk) has a bound."""
     monkeypatch.setattr(session_module, "_RECENTLY_CLOSED", 8)
     client, server = pair()
+    ids = []
     for _ in range(20):
         st = client.open_stream()
         peer = server.accept_stream(timeout=5)
+        ids.append(st.id)
         st.close()
         peer.close()
-    assert len(client._recently_closed) == 8
-    assert len(server._recently_closed) <= 8
+    # A stream is released once both FINs crossed; each end then remembers its id.
+    wait_until(lambda: client.num_streams == 0 and server.num_streams == 0, 5, "all released")
+    # Both ends closed 20 streams, in order: each remembers exactly the last 8.
+    assert list(client._recently_closed) == ids[-8:]
+    assert list(server._recently_closed) == ids[-8:]
 
 
 def test_close_does_not_wait_for_dropped_window_updates(pair: Any) -> None:

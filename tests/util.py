@@ -29,6 +29,7 @@ __all__ = [
     "sleep",
     "socketpair",
     "spawn",
+    "unread_bytes",
     "wait_until",
 ]
 
@@ -91,6 +92,17 @@ def recv_to_eof(stream: Any, bufsize: int = 65536, limit: int = 1 << 30) -> byte
             return bytes(out)
         out += chunk
         assert len(out) <= limit, "more data than expected"
+
+
+def unread_bytes(sock: Any) -> int:
+    """Bytes waiting in a socket's receive queue (``FIONREAD``), read by nobody yet."""
+    import array
+    import fcntl
+    import termios
+
+    count = array.array("i", [0])
+    fcntl.ioctl(sock.fileno(), termios.FIONREAD, count)
+    return count[0]
 
 
 def payload(size: int, seed: int) -> bytes:

@@ -18,7 +18,7 @@ from typing import Any
 import pytest
 
 import pysmux
-from tests.runtimes import current
+from tests.runtimes import current, in_ci
 
 from .peers import HERE, PeerProcess, pypeer_argv, pypeer_env
 
@@ -27,7 +27,7 @@ GO_SMUX_SOURCE = Path(GO_SMUX_GOPATH, "src/github.com/xtaci/smux")
 
 
 def _unavailable(reason: str) -> None:
-    if os.environ.get("CI", "").lower() == "true":
+    if in_ci():
         pytest.fail(f"CI=true and the Go peer is unavailable: {reason}", pytrace=False)
     pytest.skip(f"Go interop tests need the Go peer: {reason}")
 

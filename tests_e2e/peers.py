@@ -185,7 +185,7 @@ def read_while_killing(
     once every one of them has delivered its first MiB; return how each read ended.
 
     Each stream is read from the moment it exists: in v1 one unread stream fills
-    the shared session budget and stalls the others (DESIGN.md 4), and an unread
+    the shared session budget and stalls the others (docs/design.md 7.1), and an unread
     stream could even hold back the SYN of the next one.
     """
     progress = Progress()

@@ -10,6 +10,7 @@ offer no blocking wait.
 
 from __future__ import annotations
 
+import argparse
 import contextlib
 import hashlib
 import logging
@@ -28,8 +29,10 @@ from typing import Any
 import pytest
 
 import pysmux
+from pysmux.cli import add_smux_options, config_from_args
 from pysmux.tunnel import EchoServer, TunnelClient, TunnelServer, format_address, parse_address
 from tests.runtimes import Harness, Worker, current
+from tests.util import unread_bytes
 from tests_e2e.peers import recv_until_error
 
 REPO = Path(__file__).resolve().parent.parent
@@ -123,7 +126,9 @@ class TcpTarget:
     """A plain TCP server of the test's runtime: one task per connection runs ``handler(conn)``.
 
     ``close()`` stops accepting, wakes every handler, joins every task and closes
-    every socket. ``errors`` holds the OSErrors handlers raised.
+    every socket, then re-raises what a task raised other than an OSError (a failed
+    assertion in a handler). ``errors`` holds the OSErrors handlers raised: each test
+    says which it expects.
     """
 
     def __init__(self, handler: Callable[[Any], None]) -> None:
@@ -188,6 +193,9 @@ class TcpTarget:
             assert not task.is_alive(), "a target connection task did not end"
         for conn in conns:
             conn.close()
+        for task in [self._acceptor, *tasks]:
+            if task.exc is not None:
+                raise task.exc
 
 
 def echo_handler(conn: Any) -> None:
@@ -211,8 +219,14 @@ def target() -> Iterator[Callable[..., TcpTarget]]:
         return t
 
     yield make
+    errors: list[BaseException] = []
     for t in made:
-        t.close()
+        try:
+            t.close()
+        except BaseException as exc:  # close every target, then report
+            errors.append(exc)
+    if errors:
+        raise errors[0]
 
 
 @pytest.fixture
@@ -329,6 +343,7 @@ def test_half_close_travels_both_ways(
     finally:
         sock.close()
     assert received["sha"] == sha(upload)
+    echo.wait_finished(1)
     assert not echo.errors and not greeter.errors
 
 
@@ -340,14 +355,14 @@ def test_unreachable_target_closes_only_that_connection(
 ) -> None:
     """When the server cannot reach its target, the TCP client's connection is closed at
     once (no hang), the failure is logged, and the mux connection stays up for the next
-    connections."""
+    connections. smux has no stream reset: the server can only close the stream (a FIN),
+    which reaches the TCP client as a clean EOF before any byte."""
     srv, cli = start_pair(runtime, tunnels, ("127.0.0.1", unused_port()), conn=1)
     for _ in range(3):
         sock = connect(cli.address)
         try:
             sock.sendall(b"anyone there?")
-            with contextlib.suppress(ConnectionResetError):
-                assert recv_to_eof(sock) == b""
+            assert recv_to_eof(sock) == b""
         finally:
             sock.close()
     assert cli.connected == 1 and cli.dials == 1 and srv.sessions == 1
@@ -378,6 +393,8 @@ def test_client_redials_after_server_restart(
     assert sha(early.result(30)) == sha(data)
     echo_many(cli.address, count=4, size=256 * 1024)
     assert cli.dials == 4 and srv2.sessions == 2
+    echo.wait_finished(2 + 1 + 4)
+    assert not echo.errors  # every connection ended after its echo: none was cut short
 
 
 def test_connection_without_any_server_is_reset_after_connect_timeout(
@@ -436,6 +453,7 @@ def test_mux_death_resets_carried_connections(
     finally:
         sock.close()
     source.wait_finished(1)
+    # A reset seen by sendall, or EPIPE when it arrived between two writes: either way cut.
     assert isinstance(written["error"], (ConnectionResetError, BrokenPipeError))
 
     # The other way round: the client side of the tunnel goes away.
@@ -471,6 +489,8 @@ def test_one_failing_connection_leaves_the_others_alone(
         assert sha(w.result(60)) == sha(payload(MiB, i))
     echo_many(cli.address, count=2, size=64 * 1024)
     assert cli.connected == 1 and cli.dials == 1 and srv.sessions == 1
+    echo.wait_finished(3 + 1 + 2)
+    assert echo.errors == [], echo.errors
 
 
 def test_close_is_prompt_with_idle_connections(
@@ -496,6 +516,9 @@ def test_close_is_prompt_with_idle_connections(
     finally:
         for s in socks:
             s.close()
+    # The target's side of each connection is reset too, not ended as if complete.
+    echo.wait_finished(4)
+    assert [type(e) for e in echo.errors] == [ConnectionResetError] * 4, echo.errors
 
 
 def test_close_is_prompt_without_linux_disconnect(
@@ -507,15 +530,14 @@ def test_close_is_prompt_without_linux_disconnect(
     """Where connect(AF_UNSPEC) cannot abort a TCP connection (not Linux), closing the tunnel
     still wakes connections blocked in either direction, including one whose TCP client
     stopped reading, and returns promptly."""
-    import pysmux.tunnel
+    import pysmux.tunnel.net
 
-    monkeypatch.setattr(pysmux.tunnel, "_disconnect", None)
+    monkeypatch.setattr(pysmux.tunnel.net, "_disconnect", None)
 
     def flood(conn: Any) -> None:
         block = payload(64 * 1024, 5)
-        with contextlib.suppress(OSError):
-            while True:
-                conn.sendall(block)
+        while True:
+            conn.sendall(block)  # until the tunnel resets the connection: see below
 
     source = target(flood)
     srv, cli = start_pair(runtime, tunnels, source.address, conn=1)
@@ -524,16 +546,31 @@ def test_close_is_prompt_without_linux_disconnect(
     try:
         recv_exactly(stalled, 1024)
         wait_until(lambda: srv.connections == 1, 10, "the flood is carried")
+        queued: list[int] = []
+
+        def flood_stalled() -> bool:
+            # What the TCP client has not read stopped growing for 10 looks in a row:
+            # every buffer on the way is full, the tunnel's sendall to it is blocked.
+            queued.append(unread_bytes(stalled))
+            return len(queued) >= 10 and queued[-1] > 0 and len(set(queued[-10:])) == 1
+
+        wait_until(flood_stalled, 20, "the flood stalls on the client that does not read")
         began = time.monotonic()
         cli.close()
         srv.close()
         assert time.monotonic() - began < 3.0
-        with contextlib.suppress(ConnectionResetError):
-            recv_to_eof(stalled)
+        # Unsent data was still queued when the tunnel closed, so its FIN never left:
+        # the reset at close() is all the TCP client can see.
+        _, exc = recv_until_error(stalled)
+        assert isinstance(exc, ConnectionResetError), repr(exc)
     finally:
         stalled.close()
         idle.close()
     source.wait_finished(1)
+    # The flood's sendall fails with a reset or, when the reset arrived between two
+    # writes, EPIPE: both say the tunnel cut the connection.
+    assert len(source.errors) == 1, source.errors
+    assert isinstance(source.errors[0], (ConnectionResetError, BrokenPipeError)), source.errors
 
 
 def test_echo_server_and_connection_limit(runtime: str, tunnels: list[Any]) -> None:
@@ -551,14 +588,12 @@ def test_echo_server_and_connection_limit(runtime: str, tunnels: list[Any]) -> N
     try:
         held.sendall(b"x")
         assert recv_exactly(held, 1) == b"x"
-        try:  # the reset can come before connect() returns
+        # Refused with a reset: connect() itself reports it when the reset arrived before
+        # it looked at the socket's error (a connect with a timeout looks), else recv does.
+        with pytest.raises(ConnectionResetError):
             extra = connect(cli.address)
-        except ConnectionResetError:
-            pass
-        else:
             try:
-                with contextlib.suppress(ConnectionResetError):
-                    assert extra.recv(1) == b""
+                extra.recv(1)
             finally:
                 extra.close()
     finally:
@@ -778,19 +813,24 @@ def test_cli_client_reconnects_after_server_killed(
     assert client.proc.poll() is None
     client.assert_clean_exit(signal.SIGTERM)
     server2.assert_clean_exit(signal.SIGTERM)
+    echo.wait_finished(2 + 4)
+    assert not echo.errors  # the kill came between transfers: none was cut short
 
 
 @CHILD
 def test_cli_signals_stop_promptly_with_live_connections(
     runtime: str, cli: Callable[..., Cli], target: Callable[..., TcpTarget]
 ) -> None:
-    """SIGINT (Ctrl-C) and SIGTERM stop the client and the server promptly with status 0
-    even while connections are being carried; those connections are reset, not left
-    hanging or ended as if complete."""
+    """With ``--drain-timeout 0``, SIGINT (Ctrl-C) and SIGTERM stop the client and the
+    server promptly with status 0 even while connections are being carried; those
+    connections are reset, not left hanging or ended as if complete."""
     echo = target()
-    server = cli("server", "-l", "127.0.0.1:0", "-t", addr_arg(echo.address), "--smuxver", "2")
+    now = ("--drain-timeout", "0")
+    server = cli(
+        "server", "-l", "127.0.0.1:0", "-t", addr_arg(echo.address), "--smuxver", "2", *now
+    )
     client = cli(
-        "client", "-l", "127.0.0.1:0", "-r", addr_arg(server.address()), "--smuxver=2", "-v"
+        "client", "-l", "127.0.0.1:0", "-r", addr_arg(server.address()), "--smuxver=2", "-v", *now
     )
     caddr = client.address()
     socks = [connect(caddr) for _ in range(3)]
@@ -810,6 +850,8 @@ def test_cli_signals_stop_promptly_with_live_connections(
         for s in socks:
             s.close()
     echo.wait_finished(3)
+    # The target's side of each live connection is reset too, not ended as if complete.
+    assert [type(e) for e in echo.errors] == [ConnectionResetError] * 3, echo.errors
 
 
 @CHILD
@@ -825,6 +867,8 @@ def test_cli_gevent_runtime(
     client = cli("client", "-l", "127.0.0.1:0", "-r", addr_arg(server.address()), *common)
     caddr = client.address()
     echo_many(caddr, count=4, size=MiB)
+    echo.wait_finished(4)
+    assert not echo.errors
     client.assert_clean_exit(signal.SIGTERM)
     server.assert_clean_exit(signal.SIGTERM)
 
@@ -872,3 +916,74 @@ def test_cli_usage_errors(runtime: str, cli: Callable[..., Cli]) -> None:
     p = cli("client", "--help")
     assert p.wait() == 0
     assert any("--conn" in line for line in p.out)
+
+
+@CHILD
+def test_cli_config_errors_name_the_flag(runtime: str, cli: Callable[..., Cli]) -> None:
+    """A flag value the session config refuses (a frame larger than smux can carry, a
+    keepalive timeout shorter than the interval, a stream window past 2**31-1) is reported
+    like any other bad flag, on every subcommand: the subcommand's usage, then the flag as
+    typed and what is wrong with it, status 2, and nothing listens."""
+    for args, message in [
+        (("server", "-t", "127.0.0.1:1", "--framesize", "70000"),
+         r"--framesize 70000: must be in 1\.\.65535"),
+        (("client", "-r", "127.0.0.1:1", "--keepalive", "60", "--keepalive-timeout", "30"),
+         r"--keepalive-timeout 30: must be >= --keepalive\b"),
+        (("echo", "-l", "127.0.0.1:0", "--smuxbuf", "4000000000", "--streambuf", "3000000000"),
+         r"--streambuf 3000000000: must be in 1\.\."),
+    ]:  # fmt: skip
+        p = cli(*args)
+        assert p.wait() == 2, p.describe()
+        assert p.out == [], p.describe()
+        assert p.err[0].startswith(f"usage: pysmux {args[0]} "), p.describe()
+        assert re.fullmatch(rf"pysmux {args[0]}: error: {message}.*", p.err[-1]), p.describe()
+
+
+@pytest.mark.runtime_independent(reason="parses flags in-process; no runtime involved")
+def test_smux_options_serve_any_subcommand(runtime: str) -> None:
+    """A subcommand defined anywhere gets the shared smux flags from ``add_smux_options`` and
+    its session config from ``config_from_args``: every flag lands in its ``Config`` field,
+    the defaults are Go's but for kcptun's 2 MiB stream window (capped by --smuxbuf), and
+    ``--keepalive 0`` turns keepalive off whatever --keepalive-timeout says."""
+    parser = argparse.ArgumentParser(prog="pysmux other", allow_abbrev=False)
+    add_smux_options(parser)
+    args = parser.parse_args(
+        ["--smuxver", "2", "--smuxbuf", "1048576", "--streambuf", "4194304", "--framesize",
+         "1024", "--keepalive", "2.5", "--runtime", "gevent", "-vv", "-q"]
+    )  # fmt: skip
+    assert config_from_args(args) == pysmux.Config(
+        version=2,
+        max_receive_buffer=1048576,
+        max_stream_buffer=1048576,
+        max_frame_size=1024,
+        keepalive_interval=2.5,
+        keepalive_timeout=30.0,
+    )
+    assert (args.runtime, args.verbose - args.quiet) == ("gevent", 1)
+    defaults = parser.parse_args([])
+    assert config_from_args(defaults) == pysmux.Config(max_stream_buffer=2 * MiB)
+    assert defaults.runtime == "thread"
+    assert config_from_args(parser.parse_args(["--keepalive", "40"])).keepalive_timeout == 120
+    off = config_from_args(parser.parse_args(["--keepalive", "0", "--keepalive-timeout", "5"]))
+    assert not off.keepalive
+    with pytest.raises(ValueError, match=r"^--framesize 65536: "):
+        config_from_args(parser.parse_args(["--framesize", "65536"]))
+
+
+@pytest.mark.runtime_independent(reason="checks arguments only; nothing starts")
+def test_waits_too_long_for_the_os_are_refused(runtime: str) -> None:
+    """A timeout or backoff too long for the OS's timers (past about 292 years a thread's
+    wait overflows, and the task waiting dies) is refused up front, by the library and by
+    the command's flags, instead of killing a task later."""
+    for kwargs in [{"connect_timeout": float("inf")}, {"connect_timeout": 1e10},
+                   {"backoff_max": 1e10}, {"connect_timeout": float("nan")}]:  # fmt: skip
+        with pytest.raises(ValueError, match=next(iter(kwargs))):
+            TunnelClient("127.0.0.1:0", "127.0.0.1:1", **kwargs)
+    with pytest.raises(ValueError, match="connect_timeout"):
+        TunnelServer("127.0.0.1:0", "127.0.0.1:1", connect_timeout=1e7)
+    parser = argparse.ArgumentParser(prog="pysmux other", allow_abbrev=False, exit_on_error=False)
+    add_smux_options(parser)
+    for flag in ("--keepalive", "--keepalive-timeout"):
+        with pytest.raises(argparse.ArgumentError, match="at most"):
+            parser.parse_args([flag, "1e10"])
+    assert config_from_args(parser.parse_args(["--keepalive", "1e6"])).keepalive_timeout == 3e6

@@ -121,18 +121,15 @@ def test_echo_go_client_pysmux_server(
 ) -> None:
     """A Go smux client can open many streams (or one big one) to a pysmux server that
     echoes, and reads back exactly what it sent, checksummed on the Go side."""
-    # v2: a Go sender assumes a 256 KiB window per stream before our first UPD, so 64
-    # streams can have 16 MiB in flight. Past the session budget (4 MiB by default) our
-    # reader pauses; echo writers then wait for UPDs that sit unread behind the pause,
-    # and nobody reads: a deadlock (about 1 run in 15; reported). A budget that covers
-    # every initial window avoids it.
-    config = {"max_receive_buffer": streams * 256 * 1024} if version == 2 and streams > 1 else {}
+    # Default settings, v2 included: a Go sender assumes a 256 KiB window per stream
+    # before our first UPD, so 64 streams can put 16 MiB in flight against a 4 MiB
+    # budget. pysmux reads on past the budget while its echo writers wait for UPDs
+    # (docs/design.md 7.3); it used to pause and deadlock about 1 run in 15.
     peer, sess = py_server(
         gopeer,
         net,
         version,
         ("-mode=client-echo", f"-streams={streams}", f"-size={size}", "-hold"),
-        **config,
     )
     handler = EchoHandler(sess)
     try:
@@ -155,7 +152,7 @@ def test_echo_go_client_pysmux_server(
 def test_go_server_writes_first_100_times(gopeer: StartPeer, net: Net, version: int) -> None:
     """When a Go server writes the moment it accepts a stream (before the pysmux client
     sends anything), pysmux loses no byte: registering the stream before sending SYN
-    makes the race Go itself has (DESIGN.md 5.1) impossible, 100 times in a row."""
+    makes the race Go itself has (docs/design.md 9.1) impossible, 100 times in a row."""
     size = 300_000  # more than one v2 window (256 KiB): needs our UPDs too
     peer, sess = py_client(gopeer, net, version, ("-mode=writefirst", f"-size={size}"))
     for i in range(100):
@@ -198,7 +195,7 @@ def test_go_close_reaches_pysmux_server_as_eof(gopeer: StartPeer, net: Net, vers
 
 
 def reply_size(version: int) -> int:
-    # DESIGN.md 5.8: once our FIN arrived, a v2 Go 1.5.16 writer that runs out of
+    # docs/design.md 9.6: once our FIN arrived, a v2 Go 1.5.16 writer that runs out of
     # window gives up with EOF, so in v2 a Go peer can answer at most one window
     # (max_stream_buffer, 64 KiB by default) after our shutdown(SHUT_WR). v1 has no
     # such limit: 8 MiB also proves our session budget refills while half-closed.
@@ -243,7 +240,7 @@ def test_pysmux_server_shutdown_reaches_go_client_as_eof(
     st = sess.accept_stream(timeout=20)
     with st:
         st.settimeout(30)
-        assert st.recv(1) == b"h"  # the Go client registered the stream (DESIGN.md 5.1)
+        assert st.recv(1) == b"h"  # the Go client registered the stream (docs/design.md 9.1)
         with TaskGroup(sess.close) as tasks:
             reader = tasks.spawn(recv_to_eof, st, reply)
             send_pattern(st, st.id, size)
@@ -332,7 +329,7 @@ def test_version_mismatch_is_protocol_error(
     """Connecting a v1 end to a v2 end fails fast and clearly: the pysmux session ends
     with a ProtocolError that names both versions, and nothing hangs."""
     # Go sends a NOP after 100 ms; it stays half-alive after its own protocol error
-    # (DESIGN.md 5.5) and -linger keeps its connection open, so ours sees that NOP.
+    # (docs/design.md 9.5) and -linger keeps its connection open, so ours sees that NOP.
     go_args = ("-ka-interval=100ms", "-ka-timeout=5s", "-linger=5s")
     t0 = time.monotonic()
     if py_role == "client":
@@ -509,7 +506,7 @@ def test_go_client_opens_2000_streams(
         st.settimeout(10)
         ping(st)
     # Go sees a refusal as EOF before any byte, or never sees it at all: a Go client
-    # drops frames that arrive before it registered its stream (DESIGN.md 5.1).
+    # drops frames that arrive before it registered its stream (docs/design.md 9.1).
     events = peer.events("stream")
     assert not [e for e in events if "open_err" in e], peer.describe()
     assert all(e["id"] in accepted for e in events if not e["refused"] and e["err"] is None)
@@ -542,7 +539,7 @@ def test_streams_past_accept_backlog_are_refused(gopeer: StartPeer, net: Net, ve
         sess.accept_stream(timeout=0.2)
     accepted = set(order)
     served(peer, accepted)
-    # Go saw (most) refusals as EOF before any byte; DESIGN.md 5.1 says why not all.
+    # Go saw (most) refusals as EOF before any byte; docs/design.md 9.1 says why not all.
     refused = [e["id"] for e in peer.events("stream") if e["refused"]]
     assert refused and not accepted & set(refused)
     assert sess.refused_streams == n - backlog

@@ -13,6 +13,7 @@ import signal
 import socket
 import time
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -26,10 +27,12 @@ from pysmux.rpc import (
     RpcChannel,
     RpcClient,
 )
+from pysmux.tunnel import TunnelClient
 from tests.runtimes import current
 from tests_e2e import test_cli
 from tests_e2e.conftest import Net
 from tests_e2e.test_cli import Cli, wait_until
+from tests_e2e.test_production import samples, scrape
 
 cli = test_cli.cli  # the fixture that starts `python -m pysmux` children
 
@@ -287,3 +290,43 @@ def test_server_killed_mid_call(runtime: str, net: Net, cli: Callable[..., Cli])
     with pytest.raises(ConnectionError):
         rpc.call("echo", ["down"])
     rpc.close()
+
+
+def test_rpc_command_has_the_security_and_production_flags_of_echo(
+    runtime: str, net: Net, cli: Callable[..., Cli], tmp_path: Path
+) -> None:
+    """An operator runs ``pysmux rpc`` like ``pysmux echo``: beyond loopback it refuses to
+    start open (status 2, naming the flags), with ``--key-file`` only clients with the key
+    get answers (a keyless one is dropped), ``--metrics`` serves its figures under
+    ``role="rpc"``, and SIGTERM drains, then exits 0."""
+    p = cli("rpc", "-l", "0.0.0.0:0", "--runtime", runtime)
+    assert p.wait() == 2 and p.out == [], p.describe()
+    assert "--key-file" in p.err[-1] and "--no-auth" in p.err[-1], p.describe()
+
+    key = tmp_path / "key"
+    key.write_text("rpc secret\n")
+    server = cli("rpc", "-l", "127.0.0.1:0", "--runtime", runtime, "--key-file", str(key),
+                 "--metrics", "127.0.0.1:0")  # fmt: skip
+    address = server.address()
+    metrics = int(server.wait_lines(r"^metrics on 127\.0\.0\.1:(\d+)$")[0].group(1))
+    # A tunnel client with the key carries a TCP connection as one stream to the server.
+    with TunnelClient("127.0.0.1:0", address, key=key.read_text().strip(), runtime=runtime) as tc:
+        tc.wait_connected(timeout=10)
+        with net.connect(tc.address) as sock:
+            sock.sendall(b'{"jsonrpc":"2.0","method":"add","params":[2,3],"id":1}\n')
+            sock.shutdown(socket.SHUT_WR)
+            answer = b""
+            while chunk := sock.recv(4096):
+                answer += chunk
+    assert json.loads(answer) == {"jsonrpc": "2.0", "result": 5, "id": 1}
+    keyless = net.client(net.connect(address), version=1)
+    with pytest.raises(OSError):  # refused before smux starts: the session ends
+        RpcClient(keyless, timeout=10).call("add", [1, 2])
+    keyless.close()
+    server.wait_lines(r"WARNING .*refused", stderr=True)
+    got = samples(scrape(("127.0.0.1", metrics))[1])
+    assert got['pysmux_streams_accepted_total{role="rpc"}'] == 1, got
+    assert got['pysmux_handshake_failures_total{role="rpc"}'] == 1, got
+    server.send_signal(signal.SIGTERM)
+    assert server.wait() == 0, server.describe()
+    assert any("draining" in line for line in server.err), server.describe()

@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import json
 
+from ..cli_options import address, positive_int, positive_seconds
 from ..config import Config
 from .kinds import KINDS, AttackSettings
 from .probe import PROBES
@@ -36,10 +37,8 @@ def _kinds(text: str) -> list[str]:
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    from ..cli import _address, _positive_int, _positive_seconds
-
     parser.add_argument(
-        "-r", "--remote", "--remoteaddr", dest="remote", type=_address, required=True,
+        "-r", "--remote", "--remoteaddr", dest="remote", type=address, required=True,
         metavar="ADDR", help="the server to attack, HOST:PORT (one you own)",
     )  # fmt: skip
     parser.add_argument(
@@ -47,20 +46,20 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help=f"what to do: {', '.join(KINDS)}, or all of them one after the other",
     )  # fmt: skip
     parser.add_argument(
-        "--duration", type=_positive_seconds, default=3.0, metavar="SECONDS",
+        "--duration", type=positive_seconds, default=3.0, metavar="SECONDS",
         help="how long each attack lasts at the most (default: 3)",
     )  # fmt: skip
     parser.add_argument(
-        "--conns", type=_positive_int, default=None, metavar="N",
+        "--conns", type=positive_int, default=None, metavar="N",
         help="hostile connections (default: 50 for slowloris, 3 for garbage-version, "
         "2 for huge-length, 1 otherwise)",
     )  # fmt: skip
     parser.add_argument(
-        "--streams", type=_positive_int, default=5000, metavar="N",
+        "--streams", type=positive_int, default=5000, metavar="N",
         help="SYNs per connection of syn-flood (default: 5000)",
     )  # fmt: skip
     parser.add_argument(
-        "--max-bytes", type=_positive_int, default=64 << 20, metavar="BYTES",
+        "--max-bytes", type=positive_int, default=64 << 20, metavar="BYTES",
         help="bytes each attack writes at the most (default: 67108864)",
     )  # fmt: skip
     parser.add_argument(
@@ -69,11 +68,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "an echo service), rpc (pysmux rpc), none (default: echo)",
     )  # fmt: skip
     parser.add_argument(
-        "--probe-interval", type=_positive_seconds, default=0.05, metavar="SECONDS",
+        "--probe-interval", type=positive_seconds, default=0.05, metavar="SECONDS",
         help="pause between probe requests (default: 0.05)",
     )  # fmt: skip
     parser.add_argument(
-        "--probe-timeout", type=_positive_seconds, default=5.0, metavar="SECONDS",
+        "--probe-timeout", type=positive_seconds, default=5.0, metavar="SECONDS",
         help="a probe request slower than this failed (default: 5)",
     )  # fmt: skip
     parser.add_argument(

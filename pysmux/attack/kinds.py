@@ -183,7 +183,8 @@ def psh_flood(run: Run) -> None:
 def window_abuse(run: Run) -> None:
     """Version 2: write on a stream without waiting for window updates, past the window
     the server advertised, and never read (the server's replies get no window either).
-    Expected: the server stops reading at its session budget (or ends the connection)."""
+    Expected: the server ends the connection (a window overrun is a protocol error), or
+    at least stops reading at its session budget."""
     if run.settings.version != 2:
         run.notes.append("skipped: windows exist in smux version 2 only (--smuxver 2)")
         return

@@ -18,11 +18,11 @@ import time
 from typing import Any
 
 from ..config import Config
+from ..loadstats import LatencyHistogram
 from ..rpc import RpcClient
 from ..runtime import Runtime, Task
 from ..session import Session
 from ..session import client as mux_client
-from ..stats import LatencyHistogram
 from ..stream import Stream
 from ..tcp import Address, dial
 

@@ -7,8 +7,8 @@ import dataclasses
 from typing import Any
 
 from ..config import Config
+from ..loadstats import format_bytes
 from ..runtime import Runtime, get_runtime
-from ..stats import format_bytes
 from ..tcp import Address, as_address
 from ..tunnel import format_address
 from .kinds import KINDS, AttackSettings, Run

@@ -5,15 +5,19 @@
     pysmux rpc -l 127.0.0.1:4000 [--smuxver 2] [--max-line BYTES] [--line-timeout S]
 
 It serves ``echo``, ``add``, ``get_time`` and ``sleep`` (see
-:mod:`pysmux.rpc.methods`) with the smux flags of the other commands, prints
-``listening on HOST:PORT`` once it listens and stops on SIGINT/SIGTERM (the
-``pysmux`` command's main loop does that part).
+:mod:`pysmux.rpc.methods`). The ``pysmux`` command gives it what ``pysmux
+echo`` has: ``-l``, the smux, security and production flags, the ``listening
+on HOST:PORT`` line, the drain on SIGTERM/SIGINT and the rule that a listener
+beyond loopback needs a key or client certificates (or ``--no-auth``); this
+module adds the flags of its own.
 """
 
 from __future__ import annotations
 
 import argparse
+from typing import Any
 
+from ..cli_options import positive_int, positive_seconds
 from ..config import Config
 from .methods import register_builtins
 from .server import RpcServer
@@ -29,21 +33,9 @@ DESCRIPTION = (
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    from ..cli import _address, _positive_int, _positive_seconds
-
-    parser.add_argument(
-        "-l",
-        "--listen",
-        "--localaddr",
-        dest="listen",
-        type=_address,
-        default="127.0.0.1:29900",
-        metavar="ADDR",
-        help="where mux connections come in (default: 127.0.0.1:29900)",
-    )
     parser.add_argument(
         "--max-line",
-        type=_positive_int,
+        type=positive_int,
         default=1 << 20,
         metavar="BYTES",
         help="longest request line; a longer one is answered -32600 and its stream closed "
@@ -51,14 +43,14 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument(
         "--max-buffered",
-        type=_positive_int,
+        type=positive_int,
         default=64 << 20,
         metavar="BYTES",
         help="unfinished request bytes held on all streams together (default: 67108864)",
     )
     parser.add_argument(
         "--max-session-streams",
-        type=_positive_int,
+        type=positive_int,
         default=1024,
         metavar="N",
         help="streams served at once for one mux connection; --max-conns bounds them all "
@@ -66,7 +58,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument(
         "--line-timeout",
-        type=_positive_seconds,
+        type=positive_seconds,
         default=30.0,
         metavar="SECONDS",
         help="a stream that started a line and does not finish it within this is closed "
@@ -74,7 +66,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument(
         "--idle-timeout",
-        type=_positive_seconds,
+        type=positive_seconds,
         default=300.0,
         metavar="SECONDS",
         help="a stream silent this long between requests, or not reading a response, is "
@@ -82,8 +74,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )
 
 
-def make_server(args: argparse.Namespace, config: Config) -> RpcServer:
-    """The server the flags describe, not started (``--max-conns``: streams at once)."""
+def make_server(args: argparse.Namespace, config: Config, security: dict[str, Any]) -> RpcServer:
+    """The server the flags describe, not started (``--max-conns``: streams at once);
+    ``security`` are the keyword arguments of the security flags."""
     server = RpcServer(
         args.listen,
         config=config,
@@ -94,5 +87,6 @@ def make_server(args: argparse.Namespace, config: Config) -> RpcServer:
         max_buffered=args.max_buffered,
         max_streams=args.max_conns,
         max_session_streams=min(args.max_session_streams, args.max_conns),
+        **security,
     )
     return register_builtins(server)

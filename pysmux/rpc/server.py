@@ -13,15 +13,17 @@ from __future__ import annotations
 
 import logging
 import socket
-from collections.abc import Callable
+import ssl
+from collections.abc import Callable, Iterable
 from typing import Any, TypeVar, overload
 
 from ..config import Config
 from ..runtime import Runtime
-from ..serving import StreamService
 from ..session import Session
 from ..stream import Stream
-from ..tcp import Address
+from ..tunnel import Address, SharedKey
+from ..tunnel.security import Network
+from ..tunnel.server import MuxServer
 from .errors import INVALID_REQUEST, SERVER_BUSY
 from .lines import ByteBudget, LineReader, LineTooLong, OverBudget
 from .protocol import Dispatcher, error_line
@@ -33,8 +35,11 @@ log = logging.getLogger("pysmux.rpc")
 _F = TypeVar("_F", bound=Callable[..., Any])
 _S = TypeVar("_S", bound="RpcServer")
 
+#: What the listener binds when no ``listen`` address is given (``start()`` refuses then).
+_NO_LISTEN = "127.0.0.1:0"
 
-class RpcServer:
+
+class RpcServer(MuxServer):
     """Serve registered functions as JSON-RPC 2.0 methods over smux streams.
 
     >>> server = RpcServer("127.0.0.1:0")
@@ -44,9 +49,9 @@ class RpcServer:
     >>> with server:  # doctest: +SKIP
     ...     print(server.address)
 
-    Serve a listening address (``start()``, ``close()``, a context manager
-    that starts it), or sessions you made (``serve_session``), or single
-    streams (``serve_stream``). Bounds on what a client can make it hold:
+    Serve a listening address (``start()``, ``close()``, ``drain(timeout)``, a
+    context manager that starts it), or sessions you made (``serve_session``),
+    or single streams (``serve_stream``). Bounds on what a client can make it hold:
 
     * ``max_line`` bytes per request line (default 1 MiB): a longer line is
       answered with ``INVALID_REQUEST`` and the stream is closed;
@@ -59,6 +64,10 @@ class RpcServer:
     * ``max_sessions`` mux connections and ``max_streams`` streams at once
       (1024 and 4096), at most ``max_session_streams`` (1024) from one session;
       more are closed at once.
+
+    Who may connect: ``allow``, ``tls``, ``key``, ``handshake_timeout`` and
+    ``max_handshakes``, as for the tunnel's servers (README, "Security").
+    ``stats()`` gives its figures as theirs does.
     """
 
     def __init__(
@@ -75,28 +84,39 @@ class RpcServer:
         max_streams: int = 4096,
         max_session_streams: int = 1024,
         backlog: int = 128,
+        allow: Iterable[str | Network] | None = None,
+        tls: ssl.SSLContext | None = None,
+        key: SharedKey | bytes | str | None = None,
+        handshake_timeout: float = 10.0,
+        max_handshakes: int = 128,
     ) -> None:
         if isinstance(max_line, bool) or not isinstance(max_line, int) or max_line <= 0:
             raise ValueError(f"max_line={max_line!r}: must be an int > 0")
         for what, value in (("line_timeout", line_timeout), ("idle_timeout", idle_timeout)):
             if value is not None and not value > 0:
                 raise ValueError(f"{what}={value!r}: must be > 0 or None")
+        if not (isinstance(max_session_streams, int) and max_session_streams > 0):
+            raise ValueError(f"max_session_streams={max_session_streams!r}: must be an int > 0")
+        super().__init__(
+            _NO_LISTEN if listen is None else listen,
+            config=config,
+            runtime=runtime,
+            max_conns=max_streams,
+            max_sessions=max_sessions,
+            backlog=backlog,
+            allow=allow,
+            tls=tls,
+            key=key,
+            handshake_timeout=handshake_timeout,
+            max_handshakes=max_handshakes,
+        )
+        self._listens = listen is not None
+        self._max_session_streams = max_session_streams
         self.max_line = max_line
         self.line_timeout = line_timeout
         self.idle_timeout = idle_timeout
         self._dispatcher = Dispatcher()
-        self._service = StreamService(
-            self.serve_stream,
-            listen=listen,
-            config=config,
-            runtime=runtime,
-            max_sessions=max_sessions,
-            max_streams=max_streams,
-            max_session_streams=max_session_streams,
-            backlog=backlog,
-            name="pysmux-rpc",
-        )
-        self._budget = ByteBudget(max_buffered, self._service.runtime)
+        self._budget = ByteBudget(max_buffered, self._rt)
 
     # -- methods ---------------------------------------------------------------------
 
@@ -166,47 +186,42 @@ class RpcServer:
         stream.settimeout(self.idle_timeout)
         stream.sendall(error_line(code, data=why) + b"\n")
 
+    def _serve_stream(self, stream: Stream, label: str) -> None:
+        try:
+            self.serve_stream(stream)
+        except OSError as exc:  # the stream was reset, or its session ended
+            log.debug("rpc stream %s: %s", label, exc)
+
     def serve_session(self, session: Session) -> None:
         """Serve every stream ``session``'s peer opens, a task each, until it ends
         (blocks). ``close()`` closes it."""
-        self._service.serve_session(session)
+        token = self._track_session(session)
+        if token is None:
+            session.close()
+            return
+        self._serve_session(session, token, f"session {id(session):#x}")
 
     def start(self: _S) -> _S:
-        """Listen on the ``listen`` address and serve in background tasks; ``self``."""
-        self._service.start()
-        return self
+        """Listen on the ``listen`` address and serve in background tasks; ``self``.
 
-    def close(self) -> None:
-        """Stop listening, close every session served, join every task. Idempotent."""
-        self._service.close()
+        ``OSError`` if it cannot be bound; ``RuntimeError`` without a ``listen`` address."""
+        if not self._listens:
+            raise RuntimeError("RpcServer: no listen address given")
+        return super().start()
 
     def pause(self, seconds: float) -> bool:
         """Wait ``seconds`` in a way that suits the runtime, returning early (True)
         once the server closes: what a method that waits should call."""
-        return self._service.pause(seconds)
-
-    @property
-    def address(self) -> Address:
-        """Where it listens (the real port when 0 was asked for)."""
-        return self._service.address
-
-    @property
-    def config(self) -> Config:
-        return self._service.config
+        return self._pause(seconds)
 
     @property
     def runtime(self) -> Runtime:
-        return self._service.runtime
-
-    @property
-    def sessions(self) -> int:
-        """Sessions being served now."""
-        return self._service.sessions
+        return self._rt
 
     @property
     def streams(self) -> int:
         """Streams being served now."""
-        return self._service.streams
+        return self.connections
 
     @property
     def buffered(self) -> int:
@@ -214,15 +229,10 @@ class RpcServer:
         return self._budget.held
 
     def __enter__(self: _S) -> _S:
-        self._service.__enter__()
+        if self._listens:
+            super().__enter__()
         return self
 
-    def __exit__(self, *exc_info: object) -> None:
-        self.close()
-
     def __repr__(self) -> str:
-        try:
-            where = str(self.address)
-        except RuntimeError:
-            where = "not listening"
+        where = str(self._address) if self._address else "not listening"
         return f"<pysmux.rpc.RpcServer {where} sessions={self.sessions} streams={self.streams}>"

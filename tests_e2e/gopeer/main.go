@@ -21,6 +21,8 @@ import (
 	"bufio"
 	"bytes"
 	"crypto/sha256"
+	"crypto/tls"
+	"crypto/x509"
 	"encoding/binary"
 	"encoding/hex"
 	"encoding/json"
@@ -57,6 +59,11 @@ var (
 	linger    = flag.Duration("linger", 0, "keep a failed session open this long before closing it")
 	hold      = flag.Bool("hold", false, "client: echo streams the server opens; keep the session until it ends")
 	deadline  = flag.Duration("deadline", 60*time.Second, "exit with status 3 after this long")
+	useTLS    = flag.Bool("tls", false, "run smux over TLS (crypto/tls)")
+	tlsCA     = flag.String("tls-ca", "", "with -tls: client: verify the server against this CA (PEM); server: require client certificates it signed")
+	tlsCert   = flag.String("tls-cert", "", "with -tls: this end's certificate (PEM); a server needs one")
+	tlsKey    = flag.String("tls-key", "", "with -tls: the private key of -tls-cert")
+	tlsName   = flag.String("tls-server-name", "localhost", "with -tls, client: the name the server's certificate must have")
 )
 
 // closeCmd is closed when the line "close" arrives on stdin.
@@ -148,7 +155,7 @@ func readToEOF(r io.Reader) (int64, string, error) {
 
 // cleanEOF maps io.EOF to nil. Stream.WriteTo (used by io.Copy) returns
 // io.EOF at the peer's FIN, and Go 1.5.16 also returns io.EOF when the
-// transport ends without a FIN: Go cannot tell the two apart (DESIGN.md 5.4).
+// transport ends without a FIN: Go cannot tell the two apart (docs/design.md 9.4).
 func cleanEOF(err error) error {
 	if errors.Is(err, io.EOF) {
 		return nil
@@ -201,10 +208,45 @@ func main() {
 	emit("done")
 }
 
+// tlsConfig is the crypto/tls configuration of -tls, -tls-ca, -tls-cert and
+// -tls-key, for the client or the server side; TLS 1.2 at least.
+func tlsConfig(server bool) *tls.Config {
+	c := &tls.Config{MinVersion: tls.VersionTLS12, ServerName: *tlsName}
+	if *tlsCert != "" {
+		pair, err := tls.LoadX509KeyPair(*tlsCert, *tlsKey)
+		if err != nil {
+			fmt.Fprintf(os.Stderr, "gopeer: -tls-cert: %v\n", err)
+			os.Exit(2)
+		}
+		c.Certificates = []tls.Certificate{pair}
+	}
+	if *tlsCA != "" {
+		pem, err := os.ReadFile(*tlsCA)
+		pool := x509.NewCertPool()
+		if err != nil || !pool.AppendCertsFromPEM(pem) {
+			fmt.Fprintf(os.Stderr, "gopeer: -tls-ca: no certificate in %q (%v)\n", *tlsCA, err)
+			os.Exit(2)
+		}
+		if server {
+			c.ClientCAs = pool
+			c.ClientAuth = tls.RequireAndVerifyClientCert
+		} else {
+			c.RootCAs = pool
+		}
+	}
+	return c
+}
+
 // ---- server ----
 
 func runServer() {
-	ln, err := net.Listen("tcp", *addr)
+	var ln net.Listener
+	var err error
+	if *useTLS {
+		ln, err = tls.Listen("tcp", *addr, tlsConfig(true))
+	} else {
+		ln, err = net.Listen("tcp", *addr)
+	}
 	if err != nil {
 		fmt.Fprintf(os.Stderr, "gopeer: %v\n", err)
 		os.Exit(1)
@@ -283,7 +325,13 @@ func serveStream(st *smux.Stream, mode string) {
 // ---- client ----
 
 func runClient() {
-	conn, err := net.Dial("tcp", *addr)
+	var conn net.Conn
+	var err error
+	if *useTLS {
+		conn, err = tls.Dial("tcp", *addr, tlsConfig(false))
+	} else {
+		conn, err = net.Dial("tcp", *addr)
+	}
 	if err != nil {
 		fmt.Fprintf(os.Stderr, "gopeer: %v\n", err)
 		os.Exit(1)
@@ -418,7 +466,7 @@ func clientEcho(st *smux.Stream) map[string]interface{} {
 }
 
 // readReply says hello (one byte, so the peer knows we registered the
-// stream: see DESIGN.md 5.1), reads until the peer's FIN, then writes -reply
+// stream: see docs/design.md 9.1), reads until the peer's FIN, then writes -reply
 // bytes after that EOF and closes.
 func readReply(st *smux.Stream) map[string]interface{} {
 	defer st.Close()

@@ -1,0 +1,127 @@
+"""Running a tunnel service as a process: signals, draining, and its figures.
+
+* SIGTERM, or a first SIGINT: stop taking work and drain (the service's
+  ``drain(timeout)``), then exit 0. A second signal exits at once (status 1).
+* SIGUSR1: log one line of the service's figures (:func:`pysmux.metrics.summary`).
+* A :class:`StatsLog` logs that line every ``interval`` seconds.
+
+Threads: ``signal.signal`` handlers run in the main thread between two of
+its bytecodes, where it may hold any lock, so they only set an event or
+start a task. gevent: the handlers must run in the hub
+(``gevent.signal_handler``) and the waits must let greenlets run.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import signal
+import threading
+from collections.abc import Callable, Mapping
+from types import FrameType
+from typing import Any
+
+from .metrics import summary
+from .runtime import Runtime, get_runtime
+
+__all__ = ["ProcessSignals", "StatsLog"]
+
+log = logging.getLogger("pysmux.cli")
+
+_STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM)
+
+
+class ProcessSignals:
+    """Waits for SIGINT or SIGTERM; a second one ends the process at once (status 1).
+
+    ``on_stats`` runs in a task of its own on every SIGUSR1.
+    """
+
+    def __init__(self, runtime: str, on_stats: Callable[[], None]) -> None:
+        self._rt: Runtime = get_runtime(runtime)
+        self._count = 0
+        self._on_stats = on_stats
+        self._restore: list[Any] = []
+        self._event: Any
+        if runtime == "gevent":
+            import gevent
+            import gevent.event
+
+            self._event = gevent.event.Event()
+            for sig in (*_STOP_SIGNALS, signal.SIGUSR1):
+                self._restore.append(gevent.signal_handler(sig, self._fire, sig))
+        else:
+            self._event = threading.Event()
+            for sig in (*_STOP_SIGNALS, signal.SIGUSR1):
+                previous = signal.signal(sig, self._on_signal)
+                self._restore.append((sig, previous))
+
+    def _on_signal(self, signum: int, frame: FrameType | None) -> None:
+        self._fire(signum)
+
+    def _fire(self, signum: int) -> None:
+        if signum == signal.SIGUSR1:
+            self._rt.spawn(self._on_stats, "pysmux-stats-signal")
+            return
+        self._count += 1
+        if self._count > 1:
+            os.write(2, b"pysmux: second signal, exiting at once\n")
+            os._exit(1)
+        log.info("%s: draining, then exiting", signal.Signals(signum).name)
+        self._event.set()
+
+    def wait(self) -> None:
+        # A timeout keeps gevent's loop alive (its signal watchers do not) and
+        # lets the thread runtime's main thread run the Python signal handler.
+        while not self._event.wait(3600):
+            pass
+
+    def restore(self) -> None:
+        for item in self._restore:
+            if isinstance(item, tuple):
+                signal.signal(*item)
+            else:
+                item.cancel()
+        self._restore.clear()
+
+
+def log_stats(stats: Callable[[], Mapping[str, int]]) -> None:
+    """Log ``stats()`` as one line at INFO."""
+    log.info("stats: %s", summary(stats()))
+
+
+class StatsLog:
+    """Logs ``stats()`` every ``interval`` seconds in a task of ``runtime`` until closed."""
+
+    def __init__(
+        self, stats: Callable[[], Mapping[str, int]], interval: float, runtime: str
+    ) -> None:
+        self._rt = rt = get_runtime(runtime)
+        self._stats = stats
+        self._interval = interval
+        self._lock = rt.lock()
+        self._cond = rt.condition(self._lock)
+        self._closed = False
+        self._task = rt.spawn(self._run, "pysmux-stats-log")
+
+    def _run(self) -> None:
+        rt = self._rt
+        with self._lock:
+            due = rt.monotonic() + self._interval
+            while not self._closed:
+                remaining = due - rt.monotonic()
+                if remaining > 0:
+                    self._cond.wait(remaining)
+                    continue
+                due = rt.monotonic() + self._interval
+                self._lock.release()
+                try:
+                    log_stats(self._stats)
+                finally:
+                    self._lock.acquire()
+
+    def close(self) -> None:
+        with self._lock:
+            self._closed = True
+            self._cond.notify_all()
+        self._task.join(10)
