@@ -5,6 +5,10 @@
     pysmux server -l 0.0.0.0:4000 -t 127.0.0.1:8080 --key-file KEY   # mux connections in,
     pysmux client -l 127.0.0.1:9000 -r server:4000 --key-file KEY    # each stream to -t
     pysmux echo   -l 127.0.0.1:4000                    # mux connections in, every stream echoed
+    pysmux rpc    -l 127.0.0.1:4000                    # the same, every stream JSON-RPC 2.0
+
+and the tools that run to completion: ``pysmux load``, ``pysmux attack`` and
+``pysmux demo`` (:mod:`pysmux.load`, :mod:`pysmux.attack`, :mod:`pysmux.demo`).
 
 ``python -m pysmux`` is the same program. The command prints one line,
 ``listening on HOST:PORT``, on stdout once it listens (the real port when
@@ -14,8 +18,9 @@ in flight finish (``--drain-timeout``), then exits with status 0; a second
 signal exits at once. SIGUSR1 logs its figures. Status 1: it could not start
 (address in use, ...); 2: bad arguments, or a listener beyond loopback that
 would let anyone in (see :mod:`pysmux.cli_security`). The work is done by
-:mod:`pysmux.tunnel`, the process side by :mod:`pysmux.runner`; this module
-parses flags.
+:mod:`pysmux.tunnel` (and :mod:`pysmux.rpc`), the process side by
+:mod:`pysmux.runner`, the shared flags are :mod:`pysmux.cli_options`'s; this
+module builds the parsers and runs the servers.
 """
 
 from __future__ import annotations
@@ -25,10 +30,22 @@ import functools
 import logging
 import re
 import sys
-from collections.abc import Callable, Sequence
-from typing import Any, NamedTuple
+from collections.abc import Sequence
+from typing import Any
 
 from . import __version__
+from . import demo as demo_command
+from . import load as load_command
+from .attack import command as attack_command
+from .cli_options import (
+    FLAG_OF_FIELD,
+    add_smux_options,
+    address,
+    config_from_args,
+    positive_int,
+    positive_seconds,
+    seconds,
+)
 from .cli_security import (
     CLIENT,
     SERVER,
@@ -38,6 +55,8 @@ from .cli_security import (
 )
 from .config import Config
 from .metrics import MetricsServer
+from .rpc import RpcServer
+from .rpc import command as rpc_command
 from .runner import ProcessSignals, StatsLog, log_stats
 from .tunnel import (
     EchoServer,
@@ -45,183 +64,16 @@ from .tunnel import (
     TunnelServer,
     configfile,
     format_address,
-    parse_address,
 )
-from .tunnel.service import MAX_SECONDS, Service
+from .tunnel.service import Service
 
 __all__ = ["add_smux_options", "build_parser", "config_from_args", "main"]
 
 log = logging.getLogger("pysmux.cli")
 
-
-def _address(text: str) -> str:
-    try:
-        parse_address(text)
-    except ValueError as exc:
-        raise argparse.ArgumentTypeError(str(exc)) from None
-    return text
-
-
-def _positive_int(text: str) -> int:
-    try:
-        value = int(text, 0)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not an integer") from None
-    if value <= 0:
-        raise argparse.ArgumentTypeError(f"{text} must be > 0")
-    return value
-
-
-def _seconds(text: str) -> float:
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not a number of seconds") from None
-    if not 0 <= value <= MAX_SECONDS:
-        raise argparse.ArgumentTypeError(f"{text} must be >= 0 and at most {MAX_SECONDS:g}")
-    return value
-
-
-def _positive_seconds(text: str) -> float:
-    value = _seconds(text)
-    if value <= 0:
-        raise argparse.ArgumentTypeError(f"{text} must be > 0")
-    return value
-
-
-class _SmuxFlag(NamedTuple):
-    """One smux flag of every subcommand, and the ``Config`` field it sets."""
-
-    flag: str
-    field: str
-    parse: Callable[[str], Any]
-    metavar: str
-    help: str
-
-
-#: The smux flags after ``--smuxver``. Defaults are Config's but for ``_DEFAULTS``.
-_SMUX_FLAGS = (
-    _SmuxFlag("--smuxbuf", "max_receive_buffer", _positive_int, "BYTES", "session receive buffer"),
-    _SmuxFlag(
-        "--streambuf",
-        "max_stream_buffer",
-        _positive_int,
-        "BYTES",
-        "per-stream receive window, version 2 only; at most --smuxbuf",
-    ),
-    _SmuxFlag(
-        "--framesize", "max_frame_size", _positive_int, "BYTES", "largest frame payload sent"
-    ),
-    _SmuxFlag(
-        "--keepalive",
-        "keepalive_interval",
-        _seconds,
-        "SECONDS",
-        "keepalive interval; 0 turns keepalive off",
-    ),
-    _SmuxFlag(
-        "--keepalive-timeout",
-        "keepalive_timeout",
-        _positive_seconds,
-        "SECONDS",
-        "end a mux connection silent this long (default: max(30, 3 x keepalive))",
-    ),
-)
-#: The command's own defaults: kcptun's stream window, and a timeout that follows --keepalive.
-_DEFAULTS: dict[str, Any] = {"max_stream_buffer": 2 * 1024 * 1024, "keepalive_timeout": None}
-#: The flag that sets each Config field, for error messages.
-_FLAG_OF_FIELD = {"version": "--smuxver", **{f.field: f.flag for f in _SMUX_FLAGS}}
-
-
-def add_smux_options(parser: argparse.ArgumentParser) -> None:
-    """Add the flags every subcommand shares to ``parser`` (a subcommand's parser).
-
-    The ``smux`` group (``--smuxver``, ``--smuxbuf``, ``--streambuf``,
-    ``--framesize``, ``--keepalive``, ``--keepalive-timeout``) and
-    ``--runtime``, ``-q``, ``-v``. :func:`config_from_args` turns the smux
-    flags into a :class:`~pysmux.Config`; ``args.runtime`` is the runtime name
-    and ``args.quiet - args.verbose`` how much less to log.
-    """
-    smux = parser.add_argument_group("smux")
-    smux.add_argument(
-        "--smuxver",
-        type=int,
-        choices=(1, 2),
-        default=Config.version,
-        help="smux protocol version; both ends must agree (default: %(default)s)",
-    )
-    for f in _SMUX_FLAGS:
-        default = _DEFAULTS.get(f.field, getattr(Config, f.field))
-        smux.add_argument(
-            f.flag,
-            type=f.parse,
-            default=default,
-            metavar=f.metavar,
-            help=f.help if default is None else f"{f.help} (default: {_shown(default)})",
-        )
-    run = parser.add_argument_group("process")
-    run.add_argument(
-        "--runtime",
-        choices=("thread", "gevent"),
-        default="thread",
-        help="threads (default) or gevent greenlets (needs gevent installed)",
-    )
-    run.add_argument(
-        "-q", "--quiet", action="count", default=0, help="log less (warnings and errors only)"
-    )
-    run.add_argument(
-        "-v",
-        "--verbose",
-        action="count",
-        default=0,
-        help="log more: -v the figures every --stats-interval, -vv every connection",
-    )
-
-
-def config_from_args(args: argparse.Namespace) -> Config:
-    """The session :class:`~pysmux.Config` of the flags :func:`add_smux_options` added.
-
-    A value ``Config`` refuses raises ``ValueError`` naming the flag, as in
-    ``--framesize 70000: must be in 1..65535``; pass it to the subcommand
-    parser's ``error()`` to report it like any other bad flag (usage, status 2).
-    """
-    keepalive = args.keepalive > 0
-    interval = args.keepalive if keepalive else Config.keepalive_interval
-    timeout = args.keepalive_timeout
-    if timeout is None:
-        timeout = max(30.0, 3 * interval)
-    elif not keepalive:
-        interval = min(interval, timeout)  # both unused without keepalive: nothing to refuse
-    try:
-        return Config(
-            version=args.smuxver,
-            keepalive=keepalive,
-            keepalive_interval=interval,
-            keepalive_timeout=timeout,
-            max_frame_size=args.framesize,
-            max_receive_buffer=args.smuxbuf,
-            max_stream_buffer=min(args.streambuf, args.smuxbuf),
-        )
-    except ValueError as exc:
-        raise ValueError(_in_flags(str(exc), args)) from None
-
-
-def _in_flags(message: str, args: argparse.Namespace) -> str:
-    """``Config.FIELD=VALUE: WHY`` said with the flags the user typed; else ``message``."""
-    match = re.fullmatch(r"Config\.(\w+)=\S*: (.*)", message, re.DOTALL)
-    if match is None or match.group(1) not in _FLAG_OF_FIELD:
-        return message
-    field, why = match.groups()
-    flag = _FLAG_OF_FIELD[field]
-    for other, other_flag in _FLAG_OF_FIELD.items():
-        why = re.sub(rf"\b{other}\b", other_flag, why)
-    value = getattr(args, flag.lstrip("-").replace("-", "_"))
-    return f"{flag} {_shown(value)}: {why}"
-
-
-def _shown(value: object) -> str:
-    """A flag's value as a user would type it: ``10``, not ``10.0``."""
-    return f"{value:g}" if isinstance(value, float) else str(value)
+#: Commands that run to completion, each in a module of its own with HELP,
+#: ``add_arguments(parser)`` and ``run(args, config)`` -> exit status.
+_TOOLS: dict[str, Any] = {"load": load_command, "attack": attack_command, "demo": demo_command}
 
 
 def _add_address(
@@ -231,7 +83,7 @@ def _add_address(
     parser.add_argument(
         *flags,
         dest=flags[1].lstrip("-"),
-        type=_address,
+        type=address,
         required=default is None,
         default=default,
         metavar="ADDR",
@@ -247,7 +99,7 @@ def _add_tunnel_options(parser: argparse.ArgumentParser, connect_timeout_help: s
     and those of running in production (--metrics, --stats-interval, --drain-timeout)."""
     parser.add_argument(
         "--max-conns",
-        type=_positive_int,
+        type=positive_int,
         default=4096,
         metavar="N",
         help="connections carried at once; more are refused (default: %(default)s)",
@@ -255,20 +107,20 @@ def _add_tunnel_options(parser: argparse.ArgumentParser, connect_timeout_help: s
     ops = parser.add_argument_group("production")
     ops.add_argument(
         "--metrics",
-        type=_address,
+        type=address,
         metavar="ADDR",
         help="serve Prometheus metrics at http://ADDR/metrics (':PORT' is 127.0.0.1)",
     )
     ops.add_argument(
         "--stats-interval",
-        type=_positive_seconds,
+        type=positive_seconds,
         default=60.0,
         metavar="SECONDS",
         help="with -v, log the figures this often (default: 60); SIGUSR1 logs them at once",
     )
     ops.add_argument(
         "--drain-timeout",
-        type=_seconds,
+        type=seconds,
         default=30.0,
         metavar="SECONDS",
         help="on SIGTERM or SIGINT, let connections finish this long, then reset them "
@@ -277,20 +129,24 @@ def _add_tunnel_options(parser: argparse.ArgumentParser, connect_timeout_help: s
     if connect_timeout_help is not None:
         parser.add_argument(
             "--connect-timeout",
-            type=_positive_seconds,
+            type=positive_seconds,
             default=10.0,
             metavar="SECONDS",
             help=f"{connect_timeout_help} (default: 10)",
         )
 
 
-def _command(sub: Any, name: str, description: str) -> argparse.ArgumentParser:
-    """A subcommand's parser, with the shared flags."""
+def _command(
+    sub: Any, name: str, description: str, config_file: bool = True
+) -> argparse.ArgumentParser:
+    """A subcommand's parser, with the shared flags (and ``-c FILE`` if ``config_file``)."""
     # No abbreviations: `server --conn 2` must be an error, not --connect-timeout 2.
     parser: argparse.ArgumentParser = sub.add_parser(
         name, allow_abbrev=False, help=description, description=description
     )
     add_smux_options(parser)
+    if not config_file:
+        return parser
     parser.add_argument(
         "-c",
         "--config",
@@ -319,7 +175,7 @@ def _build_parsers() -> tuple[argparse.ArgumentParser, dict[str, argparse.Argume
     _add_address(srv, _LISTEN, "where mux connections come in", "0.0.0.0:29900")
     _add_address(srv, ("-t", "--target", "--targetaddr"), "where each stream goes, HOST:PORT", None)
     _add_tunnel_options(srv, "for connecting to the target")
-    add_security_options(srv, SERVER, _positive_seconds)
+    add_security_options(srv, SERVER, positive_seconds)
 
     cli = _command(sub, "client", "Accept TCP connections; carry each as a stream to a server.")
     _add_address(cli, _LISTEN, "where TCP connections come in", "127.0.0.1:12948")
@@ -328,7 +184,7 @@ def _build_parsers() -> tuple[argparse.ArgumentParser, dict[str, argparse.Argume
     )
     cli.add_argument(
         "--conn",
-        type=_positive_int,
+        type=positive_int,
         default=1,
         metavar="N",
         help="parallel mux connections; each new connection goes to the one carrying the "
@@ -336,7 +192,7 @@ def _build_parsers() -> tuple[argparse.ArgumentParser, dict[str, argparse.Argume
     )
     cli.add_argument(
         "--autoexpire",
-        type=_seconds,
+        type=seconds,
         default=0.0,
         metavar="SECONDS",
         help="renew a mux connection this old: new connections go to a fresh one, old ones "
@@ -344,7 +200,7 @@ def _build_parsers() -> tuple[argparse.ArgumentParser, dict[str, argparse.Argume
     )
     cli.add_argument(
         "--scavengettl",
-        type=_positive_seconds,
+        type=positive_seconds,
         default=600.0,
         metavar="SECONDS",
         help="how long a renewed mux connection may keep its connections before it is "
@@ -354,18 +210,29 @@ def _build_parsers() -> tuple[argparse.ArgumentParser, dict[str, argparse.Argume
         cli,
         "for dialling the server, and how long a new TCP connection waits for a mux connection",
     )
-    add_security_options(cli, CLIENT, _positive_seconds)
+    add_security_options(cli, CLIENT, positive_seconds)
 
     echo = _command(sub, "echo", "Accept mux connections; echo every stream (for trying clients).")
     _add_address(echo, _LISTEN, "where mux connections come in", "127.0.0.1:29900")
     _add_tunnel_options(echo, None)
-    add_security_options(echo, SERVER, _positive_seconds)
+    add_security_options(echo, SERVER, positive_seconds)
+
+    rpc = _command(sub, "rpc", rpc_command.DESCRIPTION)
+    _add_address(rpc, _LISTEN, "where mux connections come in", "127.0.0.1:29900")
+    _add_tunnel_options(rpc, None)
+    rpc_command.add_arguments(rpc)
+    add_security_options(rpc, SERVER, positive_seconds)
+
+    for name, tool in _TOOLS.items():
+        tool.add_arguments(_command(sub, name, tool.DESCRIPTION, config_file=False))
     return parser, dict(sub.choices)
 
 
 def _service(
     args: argparse.Namespace, config: Config, security: dict[str, Any]
-) -> TunnelServer | TunnelClient | EchoServer:
+) -> TunnelServer | TunnelClient | EchoServer | RpcServer:
+    if args.command == "rpc":
+        return rpc_command.make_server(args, config, security)
     if args.command == "server":
         return TunnelServer(
             args.listen,
@@ -402,7 +269,7 @@ class _FlagNames(logging.Filter):
         if "Config." in message:
             record.msg = re.sub(
                 r"\bConfig\.(\w+)",
-                lambda m: _FLAG_OF_FIELD.get(m.group(1), m.group(0)),
+                lambda m: FLAG_OF_FIELD.get(m.group(1), m.group(0)),
                 message,
             )
             record.args = ()
@@ -452,6 +319,9 @@ def main(argv: Sequence[str] | None = None) -> int:
             import gevent  # noqa: F401
         except ImportError:
             command.error("--runtime gevent needs gevent: pip install 'pysmux[gevent]'")
+    if args.command in _TOOLS:
+        status: int = _TOOLS[args.command].run(args, config)
+        return status
     try:
         security = security_from_args(args, CLIENT if args.command == "client" else SERVER)
         service = _service(args, config, security)

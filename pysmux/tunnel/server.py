@@ -70,6 +70,9 @@ class MuxServer(Service):
 
     _default_host = "0.0.0.0"
     _COUNTERS = (*Service._COUNTERS, "handshake_failures")
+    #: Streams served at once for one mux connection (None: only ``max_conns`` bounds
+    #: them), so that one peer cannot take every slot.
+    _max_session_streams: int | None = None
 
     def __init__(
         self,
@@ -236,6 +239,7 @@ class MuxServer(Service):
 
     def _serve_session(self, session: Session, token: int, where: str) -> None:
         log.info("mux connection from %s", where)
+        served = [0]  # this session's streams being served
         try:
             while True:
                 try:
@@ -243,6 +247,12 @@ class MuxServer(Service):
                 except OSError:
                     break
                 label = f"{where}/{stream.id}"
+                limit = self._max_session_streams
+                if limit is not None and served[0] >= limit:
+                    self._count("connections_refused")
+                    log.warning("stream %s refused: max_session_streams=%d reached", label, limit)
+                    stream.close()
+                    continue
                 if not self._reserve_conn():
                     if self._draining:
                         log.info("stream %s refused: draining", label)
@@ -252,11 +262,13 @@ class MuxServer(Service):
                         )
                     stream.close()
                     continue
+                with self._lock:
+                    served[0] += 1
                 if not self._spawn(
-                    functools.partial(self._serve_stream_task, stream, label),
+                    functools.partial(self._serve_stream_task, stream, label, served),
                     f"pysmux-tunnel-stream-{label}",
                 ):
-                    self._release_conn()
+                    self._stream_done(served)
                     stream.close()
         finally:
             self._end_session(token)
@@ -265,12 +277,17 @@ class MuxServer(Service):
                 level = logging.WARNING if misconfigured else logging.INFO
                 log.log(level, "mux connection from %s ended: %s", where, why)
 
-    def _serve_stream_task(self, stream: Stream, label: str) -> None:
+    def _serve_stream_task(self, stream: Stream, label: str, served: list[int]) -> None:
         try:
             self._serve_stream(stream, label)
         finally:
             stream.close()
-            self._release_conn()
+            self._stream_done(served)
+
+    def _stream_done(self, served: list[int]) -> None:
+        with self._lock:
+            served[0] -= 1
+        self._release_conn()
 
     def _serve_stream(self, stream: Stream, label: str) -> None:
         raise NotImplementedError

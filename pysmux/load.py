@@ -1,0 +1,466 @@
+"""``pysmux load``: a load generator for smux servers (echo and JSON-RPC).
+
+::
+
+    pysmux load -r 127.0.0.1:4000 --mode echo --conns 50 --streams 20 --duration 5 --json
+
+``conns`` mux connections to each target, ``streams`` concurrent streams on
+each, every stream doing request/response until the end (``duration`` seconds,
+or ``requests`` requests in all): in ``echo`` mode it sends ``size`` bytes and
+reads them back (a ``pysmux echo`` server, or a tunnel to a TCP echo service);
+in ``rpc`` mode it calls ``echo`` with a ``size``-character string (a ``pysmux
+rpc`` server). Every answer is checked; a wrong one, a timeout or a lost
+stream counts as an error. The summary: requests, errors, requests per second,
+latency p50/p99/max, bytes each way.
+
+As a library: ``LoadGenerator(targets, ...).run()`` or :func:`run_load`, which
+return a :class:`LoadSummary`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import dataclasses
+import functools
+import itertools
+import json
+import random
+import socket
+import time
+from collections.abc import Callable, Sequence
+from typing import Any
+
+from .cli_options import address, positive_int, positive_seconds
+from .config import Config
+from .loadstats import LatencyHistogram, ProgressLine, format_bytes
+from .rpc.client import RpcChannel
+from .runtime import Runtime, get_runtime
+from .session import Session
+from .session import client as mux_client
+from .stream import Stream
+from .tcp import Address, as_address, dial
+from .tunnel import format_address
+
+__all__ = ["MODES", "LoadGenerator", "LoadSummary", "add_arguments", "run", "run_load"]
+
+MODES = ("echo", "rpc")
+#: How long a stream may take to end cleanly once the run is over.
+_END_SECONDS = 2.0
+
+
+class _WrongAnswer(Exception):
+    """The server answered something else than what was sent."""
+
+
+@dataclasses.dataclass
+class LoadSummary:
+    """What a load run measured. ``as_dict()`` is what ``--json`` prints."""
+
+    mode: str
+    targets: list[str]
+    conns: int  # mux connections in all
+    streams: int  # per mux connection
+    duration_s: float
+    requests: int  # answered correctly
+    errors: int
+    bytes_sent: int
+    bytes_received: int
+    p50_ms: float
+    p99_ms: float
+    max_ms: float
+    error_kinds: dict[str, int]
+    error_examples: dict[str, str]
+
+    @property
+    def rps(self) -> float:
+        return self.requests / self.duration_s if self.duration_s > 0 else 0.0
+
+    def as_dict(self) -> dict[str, Any]:
+        out = dataclasses.asdict(self)
+        out["rps"] = round(self.rps, 1)
+        for key in ("duration_s", "p50_ms", "p99_ms", "max_ms"):
+            out[key] = round(out[key], 3)
+        return out
+
+    def text(self) -> str:
+        lines = [
+            f"pysmux load: {self.mode}, {self.conns} mux connection(s) x {self.streams} "
+            f"stream(s) to {', '.join(self.targets)}, {self.duration_s:.1f} s",
+            f"  requests  {self.requests}  ({self.rps:.0f}/s)",
+            f"  errors    {self.errors}",
+            f"  latency   p50 {self.p50_ms:.2f} ms  p99 {self.p99_ms:.2f} ms  "
+            f"max {self.max_ms:.2f} ms",
+            f"  bytes     sent {format_bytes(self.bytes_sent)}  "
+            f"received {format_bytes(self.bytes_received)}",
+        ]
+        for kind, count in sorted(self.error_kinds.items()):
+            lines.append(f"  error     {count} x {kind}: {self.error_examples[kind]}")
+        return "\n".join(lines)
+
+
+class _Tally:
+    """One task's counts (merged at the end: no lock per request)."""
+
+    __slots__ = ("errors", "examples", "hist", "kinds", "received", "requests", "sent")
+
+    def __init__(self) -> None:
+        self.requests = 0
+        self.errors = 0
+        self.sent = 0
+        self.received = 0
+        self.hist = LatencyHistogram()
+        self.kinds: dict[str, int] = {}
+        self.examples: dict[str, str] = {}
+
+    def fail(self, exc: BaseException) -> None:
+        self.errors += 1
+        kind = type(exc).__name__
+        self.kinds[kind] = self.kinds.get(kind, 0) + 1
+        self.examples.setdefault(kind, str(exc)[:200])
+
+
+class LoadGenerator:
+    """Drive request/response load at smux servers; see the module's docstring.
+
+    ``targets`` are ``"host:port"`` strings or tuples; ``conns`` mux connections go
+    to each. ``duration`` (seconds) or ``requests`` (in all) ends the run; with
+    neither it runs until :meth:`stop`. ``timeout`` bounds each request.
+    """
+
+    def __init__(
+        self,
+        targets: Sequence[str | Address],
+        *,
+        mode: str = "echo",
+        conns: int = 1,
+        streams: int = 1,
+        duration: float | None = None,
+        requests: int | None = None,
+        size: int = 64,
+        config: Config | None = None,
+        runtime: str | Runtime | None = None,
+        timeout: float = 10.0,
+        connect_timeout: float = 10.0,
+    ) -> None:
+        if mode not in MODES:
+            raise ValueError(f"mode={mode!r}: expected one of {', '.join(MODES)}")
+        if not targets:
+            raise ValueError("targets: at least one address is needed")
+        for what, value in (("conns", conns), ("streams", streams), ("size", size)):
+            if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
+                raise ValueError(f"{what}={value!r}: must be an int > 0")
+        if duration is not None and not duration > 0:
+            raise ValueError(f"duration={duration!r}: must be > 0")
+        if requests is not None and not (isinstance(requests, int) and requests > 0):
+            raise ValueError(f"requests={requests!r}: must be an int > 0")
+        self.targets = [as_address(t) for t in targets]
+        self.mode = mode
+        self.conns = conns
+        self.streams = streams
+        self.duration = duration
+        self.requests = requests
+        self.size = size
+        self.config = config or Config()
+        self.timeout = timeout
+        self.connect_timeout = connect_timeout
+        self._rt = rt = get_runtime(runtime)
+        self._lock = rt.lock()
+        self._cond = rt.condition(self._lock)
+        self._issued = itertools.count()
+        self._stopped = False
+        self._deadline: float | None = None
+        self._running = 0
+        self._tallies: list[_Tally] = []
+
+    def stop(self) -> None:
+        """End the run early: tasks finish the request they are in and stop."""
+        with self._lock:
+            self._stopped = True
+            self._cond.notify_all()
+
+    def progress(self) -> tuple[int, int]:
+        """``(requests, errors)`` so far (read without locks: may lag a little)."""
+        tallies = list(self._tallies)
+        return sum(t.requests for t in tallies), sum(t.errors for t in tallies)
+
+    def run(
+        self, on_progress: Callable[[float, int, int], None] | None = None, every: float = 0.5
+    ) -> LoadSummary:
+        """Connect, run the load, close everything; the summary. ``on_progress(elapsed,
+        requests, errors)`` is called every ``every`` seconds meanwhile."""
+        rt = self._rt
+        setup = _Tally()
+        self._tallies.append(setup)
+        sessions: list[Session] = []
+        try:
+            for target in self.targets:
+                for _ in range(self.conns):
+                    try:
+                        sock = dial(rt, target, self.connect_timeout)
+                    except OSError as exc:
+                        setup.fail(OSError(exc.errno, f"connect {format_address(target)}: {exc}"))
+                        continue
+                    sessions.append(mux_client(sock, config=self.config, runtime=rt))
+            began = rt.monotonic()
+            if self.duration is not None:
+                self._deadline = began + self.duration
+            tasks = []
+            for k, session in enumerate(sessions):
+                for j in range(self.streams):
+                    tally = _Tally()
+                    self._tallies.append(tally)
+                    with self._lock:
+                        self._running += 1
+                    work = functools.partial(self._work, session, tally, k * self.streams + j)
+                    tasks.append(rt.spawn(work, f"pysmux-load-{k}-{j}"))
+            try:
+                self._wait_running(on_progress, began, every)
+            except KeyboardInterrupt:  # Ctrl-C: end the requests in flight, then report
+                self.stop()
+                self._wait_running(None, began, every)
+            elapsed = rt.monotonic() - began
+            for task in tasks:
+                task.join()
+        finally:
+            for session in sessions:
+                session.close()
+        return self._summary(elapsed, len(sessions))
+
+    def _wait_running(
+        self, on_progress: Callable[[float, int, int], None] | None, began: float, every: float
+    ) -> None:
+        while True:
+            with self._lock:
+                if not self._running:
+                    return
+                self._cond.wait(every)
+            if on_progress is not None:
+                on_progress(self._rt.monotonic() - began, *self.progress())
+
+    def _summary(self, elapsed: float, conns: int) -> LoadSummary:
+        total = _Tally()
+        for t in self._tallies:
+            total.requests += t.requests
+            total.errors += t.errors
+            total.sent += t.sent
+            total.received += t.received
+            total.hist.merge(t.hist)
+            for kind, n in t.kinds.items():
+                total.kinds[kind] = total.kinds.get(kind, 0) + n
+                total.examples.setdefault(kind, t.examples[kind])
+        hist = total.hist
+        return LoadSummary(
+            mode=self.mode,
+            targets=[format_address(t) for t in self.targets],
+            conns=conns,
+            streams=self.streams,
+            duration_s=elapsed,
+            requests=total.requests,
+            errors=total.errors,
+            bytes_sent=total.sent,
+            bytes_received=total.received,
+            p50_ms=hist.percentile(50) * 1e3,
+            p99_ms=hist.percentile(99) * 1e3,
+            max_ms=hist.max * 1e3,
+            error_kinds=total.kinds,
+            error_examples=total.examples,
+        )
+
+    # -- one task: one stream at a time, request after request ------------------------
+
+    def _claim(self) -> bool:
+        if self._stopped:
+            return False
+        if self._deadline is not None and self._rt.monotonic() >= self._deadline:
+            return False
+        return self.requests is None or next(self._issued) < self.requests
+
+    def _work(self, session: Session, tally: _Tally, seed: int) -> None:
+        echo = self.mode == "echo"
+        payload = bytearray(random.Random(seed).randbytes(self.size))
+        text = payload.hex()[: self.size]
+        clock = time.perf_counter
+        channel: RpcChannel | None = None
+        try:
+            n = 0
+            while self._claim():
+                n += 1
+                try:
+                    if channel is None:
+                        channel = RpcChannel(session.open_stream())
+                        channel.stream.settimeout(self.timeout)
+                    began = clock()
+                    if echo:
+                        self._echo_once(channel.stream, payload, n)
+                    else:
+                        self._call_once(channel, text, n)
+                    tally.hist.record(clock() - began)
+                    tally.requests += 1
+                    if echo:
+                        tally.sent += self.size
+                        tally.received += self.size
+                except (OSError, _WrongAnswer) as exc:
+                    tally.fail(exc)
+                    if channel is not None:
+                        self._end(channel, tally, clean=False)
+                        channel = None
+                    if session.closed:
+                        return
+        finally:
+            if channel is not None:
+                self._end(channel, tally, clean=True)
+            with self._lock:
+                self._running -= 1
+                self._cond.notify_all()
+
+    def _echo_once(self, stream: Stream, payload: bytearray, n: int) -> None:
+        size = len(payload)
+        if size >= 8:  # every request differs: a reply to another one cannot pass
+            payload[:8] = n.to_bytes(8, "little")
+        stream.sendall(payload)
+        got = bytearray(size)
+        view = memoryview(got)
+        pos = 0
+        while pos < size:
+            count = stream.recv_into(view[pos:], size - pos)
+            if not count:
+                raise _WrongAnswer(f"stream {stream.id}: EOF after {pos} of {size} bytes")
+            pos += count
+        if got != payload:
+            raise _WrongAnswer(f"stream {stream.id}: the echo differs from what was sent")
+
+    def _call_once(self, channel: RpcChannel, text: str, n: int) -> None:
+        deadline = time.monotonic() + self.timeout
+        params = [f"{n}:{text}"]
+        channel.send({"jsonrpc": "2.0", "method": "echo", "params": params, "id": n}, deadline)
+        result = channel.answer(n, deadline)
+        if result != params:
+            raise _WrongAnswer(f"stream {channel.stream.id}: echo returned {result!r:.80}")
+
+    def _end(self, channel: RpcChannel, tally: _Tally, clean: bool) -> None:
+        """Close a stream; cleanly (FIN, then the server's EOF) when the run is over."""
+        tally.sent += channel.sent_bytes
+        tally.received += channel.received_bytes
+        stream = channel.stream
+        if clean:
+            with contextlib.suppress(OSError):
+                stream.settimeout(_END_SECONDS)
+                stream.shutdown(socket.SHUT_WR)
+                while stream.recv(65536):
+                    pass
+        channel.close()
+
+
+def run_load(targets: Sequence[str | Address], **options: Any) -> LoadSummary:
+    """``LoadGenerator(targets, **options).run()``."""
+    return LoadGenerator(targets, **options).run()
+
+
+# -- the command ---------------------------------------------------------------------------
+
+HELP = "drive request/response load at smux servers (pysmux echo or pysmux rpc)"
+DESCRIPTION = (
+    "Open --conns mux connections to each -r server and --streams concurrent streams on "
+    "each; every stream does request/response (echo of --size bytes, or an `echo` JSON-RPC "
+    "call) until --duration or --requests is reached. Prints requests, errors, requests "
+    "per second, latency p50/p99/max and bytes each way; exit status 1 if any request failed."
+)
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "-r",
+        "--remote",
+        "--remoteaddr",
+        dest="remote",
+        action="append",
+        type=address,
+        required=True,
+        metavar="ADDR",
+        help="a server, HOST:PORT; repeat for several (each gets --conns connections)",
+    )
+    parser.add_argument("--mode", choices=MODES, default="echo", help="(default: echo)")
+    parser.add_argument(
+        "--conns",
+        type=positive_int,
+        default=1,
+        metavar="N",
+        help="mux connections to each server (default: 1)",
+    )
+    parser.add_argument(
+        "--streams",
+        type=positive_int,
+        default=1,
+        metavar="M",
+        help="concurrent streams on each connection (default: 1)",
+    )
+    end = parser.add_mutually_exclusive_group()
+    end.add_argument(
+        "--duration",
+        type=positive_seconds,
+        metavar="SECONDS",
+        help="run this long (the default, 5 s, when --requests is not given)",
+    )
+    end.add_argument(
+        "--requests", type=positive_int, metavar="K", help="stop after K requests in all"
+    )
+    parser.add_argument(
+        "--size",
+        type=positive_int,
+        default=64,
+        metavar="BYTES",
+        help="request size: echo bytes, or characters of the echo call's string (default: 64)",
+    )
+    parser.add_argument(
+        "--timeout",
+        type=positive_seconds,
+        default=10.0,
+        metavar="SECONDS",
+        help="a request not answered within this counts as an error (default: 10)",
+    )
+    parser.add_argument(
+        "--connect-timeout",
+        type=positive_seconds,
+        default=10.0,
+        metavar="SECONDS",
+        help="for each mux connection (default: 10)",
+    )
+    parser.add_argument(
+        "--json", action="store_true", help="print the summary as one JSON object instead"
+    )
+
+
+def run(args: argparse.Namespace, config: Config) -> int:
+    """``pysmux load``: the exit status (1 when any request failed)."""
+    duration = args.duration if args.duration is not None or args.requests else 5.0
+    generator = LoadGenerator(
+        args.remote,
+        mode=args.mode,
+        conns=args.conns,
+        streams=args.streams,
+        duration=duration,
+        requests=args.requests,
+        size=args.size,
+        config=config,
+        runtime=args.runtime,
+        timeout=args.timeout,
+        connect_timeout=args.connect_timeout,
+    )
+    line = ProgressLine()
+    last = [0.0, 0]
+
+    def show(elapsed: float, requests: int, errors: int) -> None:
+        rate = (requests - last[1]) / max(elapsed - last[0], 1e-9)
+        last[:] = [elapsed, requests]
+        line.show(f"{elapsed:6.1f} s  {requests} requests  {rate:.0f}/s  {errors} errors")
+
+    try:
+        summary = generator.run(show if line.enabled else None)
+    finally:
+        line.clear()
+    if args.json:
+        print(json.dumps(summary.as_dict()), flush=True)
+    else:
+        print(summary.text(), flush=True)
+    return 1 if summary.errors else 0
