@@ -244,28 +244,19 @@ class SessionsMachine(RuleBasedStateMachine):
         end.peer.received += size
 
     @precondition(lambda self: self.ends)
-    @rule(index=st.integers(0, MAX_STREAMS - 1))
-    def shutdown_write(self, index: int) -> None:
+    @rule(index=st.integers(0, MAX_STREAMS - 1), how=st.sampled_from(["SHUT_WR", "SHUT_RD"]))
+    def shutdown(self, index: int, how: str) -> None:
         end = self.end(index)
         if end.closed:
             with pytest.raises(pysmux.SmuxError) as info:
-                end.stream.shutdown(socket.SHUT_WR)
+                end.stream.shutdown(getattr(socket, how))
             assert info.value.errno == errno.EBADF
             return
-        end.stream.shutdown(socket.SHUT_WR)
-        end.shut = end.shut or self.when()
-
-    @precondition(lambda self: self.ends)
-    @rule(index=st.integers(0, MAX_STREAMS - 1))
-    def shutdown_read(self, index: int) -> None:
-        end = self.end(index)
-        if end.closed:
-            with pytest.raises(pysmux.SmuxError) as info:
-                end.stream.shutdown(socket.SHUT_RD)
-            assert info.value.errno == errno.EBADF
-            return
-        end.stream.shutdown(socket.SHUT_RD)
-        end.read_shut = end.read_shut or self.when()
+        end.stream.shutdown(getattr(socket, how))
+        if how == "SHUT_WR":
+            end.shut = end.shut or self.when()
+        else:
+            end.read_shut = end.read_shut or self.when()
 
     @precondition(lambda self: self.ends)
     @rule(index=st.integers(0, MAX_STREAMS - 1))
