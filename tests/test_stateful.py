@@ -56,6 +56,8 @@ BULK = 300_000
 READ_SIZES = st.integers(1, 300) | st.integers(1, 5000)
 #: Bound on one call that waits for frames in flight; they take milliseconds.
 CALL_TIMEOUT = 5.0
+#: Timeout of a send to a peer that stopped reading (it may wait for a window forever).
+STOPPED_READER_TIMEOUT = 0.2
 
 
 @dataclass
@@ -200,6 +202,17 @@ class SessionsMachine(RuleBasedStateMachine):
         elif self.dead:
             with pytest.raises(pysmux.StreamResetError):
                 end.stream.sendall(data)
+        elif end.peer is not None and end.peer.read_shut:
+            # The peer drops what comes, and v2 sends no window update for it
+            # (nor for data it read just before): once the window is used up, a
+            # send waits, as for any reader that stops reading (smux has no reset).
+            end.stream.settimeout(STOPPED_READER_TIMEOUT)
+            try:
+                end.stream.sendall(data)
+            except TimeoutError:
+                assert self.version == 2, "v1 has no window to wait for"
+            finally:
+                end.stream.settimeout(CALL_TIMEOUT)
         elif end.unread_by_peer() + len(data) <= self.max_unread:
             end.stream.sendall(data)
             end.sent += data
@@ -244,28 +257,19 @@ class SessionsMachine(RuleBasedStateMachine):
         end.peer.received += size
 
     @precondition(lambda self: self.ends)
-    @rule(index=st.integers(0, MAX_STREAMS - 1))
-    def shutdown_write(self, index: int) -> None:
+    @rule(index=st.integers(0, MAX_STREAMS - 1), how=st.sampled_from(["SHUT_WR", "SHUT_RD"]))
+    def shutdown(self, index: int, how: str) -> None:
         end = self.end(index)
         if end.closed:
             with pytest.raises(pysmux.SmuxError) as info:
-                end.stream.shutdown(socket.SHUT_WR)
+                end.stream.shutdown(getattr(socket, how))
             assert info.value.errno == errno.EBADF
             return
-        end.stream.shutdown(socket.SHUT_WR)
-        end.shut = end.shut or self.when()
-
-    @precondition(lambda self: self.ends)
-    @rule(index=st.integers(0, MAX_STREAMS - 1))
-    def shutdown_read(self, index: int) -> None:
-        end = self.end(index)
-        if end.closed:
-            with pytest.raises(pysmux.SmuxError) as info:
-                end.stream.shutdown(socket.SHUT_RD)
-            assert info.value.errno == errno.EBADF
-            return
-        end.stream.shutdown(socket.SHUT_RD)
-        end.read_shut = end.read_shut or self.when()
+        end.stream.shutdown(getattr(socket, how))
+        if how == "SHUT_WR":
+            end.shut = end.shut or self.when()
+        else:
+            end.read_shut = end.read_shut or self.when()
 
     @precondition(lambda self: self.ends)
     @rule(index=st.integers(0, MAX_STREAMS - 1))
