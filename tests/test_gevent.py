@@ -46,7 +46,8 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 #: in CI's measured run) pure-Python code runs several times slower, so there the
 #: bound is five times looser; the monkey-patched run, without a tracer, checks the
 #: real one.
-MAX_BLOCK = 0.5 if sys.gettrace() is not None else 0.1
+TRACED = sys.gettrace() is not None
+MAX_BLOCK = 0.5 if TRACED else 0.1
 
 
 # -- watching the hub -----------------------------------------------------------------
@@ -87,7 +88,10 @@ class HubWatch:
         self._stop = Event()
         self._stopped = False
         self._ticker = spawn(self._tick, name="hub-ticker")
-        self._monitor = self._start_monitor()
+        # gevent's monitor works through greenlet's trace hook, which a tracer such
+        # as coverage (CI's measured run) takes over: there only the ticker
+        # witnesses, and the patched run, without a tracer, has both.
+        self._monitor = None if TRACED else self._start_monitor()
 
     def cpu_wait(self) -> float:
         """Seconds the hub's thread has spent runnable but not running (0 if unknown)."""
@@ -396,16 +400,18 @@ def test_hub_watch_sees_a_blocked_hub(hub_watch):
     # the CPU (the monitor then sees short spans of hub time and discounts them).
     start = time.thread_time()
     while time.thread_time() - start < busy or (
-        not watch.blocked and time.thread_time() - start < 10
+        not TRACED and not watch.blocked and time.thread_time() - start < 10
     ):
         pass
-    assert watch.blocked, "no EventLoopBlocked from the monitor in 10 s of CPU without a switch"
+    if not TRACED:
+        assert watch.blocked, "no EventLoopBlocked from the monitor in 10 s of CPU"
     sleep(0.15)  # let the ticker wake and measure how late it is
     with pytest.raises(AssertionError, match="late"):
         watch.check()
     assert watch.max_late >= 0.3, (watch.max_late, watch.max_late_wall)
-    with pytest.raises(AssertionError, match="EventLoopBlocked"):
-        watch.check(ticker=False)
+    if not TRACED:
+        with pytest.raises(AssertionError, match="EventLoopBlocked"):
+            watch.check(ticker=False)
 
 
 # -- fairness -------------------------------------------------------------------------
