@@ -701,7 +701,8 @@ class Session:
 
         _DEFERRED: the deadline passed first, or this transport cannot bound a
         write (TLS), so the writer task now holds the transport and finishes the
-        frames. _FAILED: the transport failed and the session is ending.
+        frames. _FAILED: the transport failed; nothing is written any more
+        (``_fail_write``).
         """
         try:
             if deadline is not None and self._wait_writable is None:
