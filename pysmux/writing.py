@@ -227,22 +227,19 @@ class WritePath:
         if refusals:
             self._reads.wake()  # it may have stopped reading for them
         if not frames:  # every item was a UPD nobody needs: nothing left to write
-            self._mark_written()
-        return frames
-
-    def _mark_written(self) -> None:
-        """Every control frame taken so far has been written."""
-        taken = self._core.control_taken
-        if self.written != taken:
-            self.written = taken
+            self.written = core.control_taken
             self.notify_idle()
+        return frames
 
     def _release(self, deadline: float | None) -> None:
         """Flush queued control frames, then hand the transport on (lock not held)."""
         core = self._core
         while True:
             with self._lock:
-                self._mark_written()  # whatever was taken before this point
+                taken = core.control_taken  # whatever was taken so far is written
+                if self.written != taken:
+                    self.written = taken
+                    self.notify_idle()
                 frames = self._take_control() if core.control and not core.closed else None
                 if not frames:
                     if self.waiters and not core.closed:
