@@ -151,22 +151,15 @@ class WritePath:
                         continue
                     break
                 self._acquire(stream, deadline)
-                error: OSError | None = None
-                count = 0
-                if stream._send_state != SEND_OPEN:
-                    # Shut down while we queued: the FIN is queued, this data must not follow it.
-                    error = stream._send_error()
-                else:
-                    # A UPD may have shrunk the window while we queued.
-                    count = core.send_size(stream, size - sent)
+                # Shut down while we queued (then _wait_sendable raises), or a
+                # UPD shrank the window: nothing to send after all.
+                count = core.send_size(stream, size - sent)
                 if count > 0:
                     frames = self._take_control() if core.control else []
                     frames.append(core.data_header(stream, count))
                     frames.append(view[sent : sent + count])
             if count <= 0:
                 self._release(deadline)
-                if error is not None:
-                    raise error
                 continue
             status = self._write(frames, deadline)
             if status == _FAILED:

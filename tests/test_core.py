@@ -521,6 +521,7 @@ def test_shut_send_queues_exactly_one_fin():
     assert core.shut_send(stream)
     assert not core.shut_send(stream)
     assert stream._send_state == SEND_SHUT
+    assert core.send_size(stream, 10) == 0  # no data follows the FIN
     assert [(f.cmd, f.sid) for f in written(core)] == [(CMD_FIN, stream.id)]
 
 

@@ -81,8 +81,11 @@ class Outbound(SessionState[S]):
         return stream._peer_window - inflight
 
     def send_size(self, stream: S, want: int) -> int:
-        """How much of ``want`` bytes goes in ``stream``'s next data frame (0 or
-        less: none, the window closed)."""
+        """How much of ``want`` bytes goes in ``stream``'s next data frame; 0 or
+        less: none (its send side is shut or reset: no data follows a FIN; or
+        the window closed)."""
+        if stream._send_state != SEND_OPEN:
+            return 0
         return min(want, self.config.max_frame_size, self.window(stream))
 
     def data_header(self, stream: S, count: int) -> bytes:
