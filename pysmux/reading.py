@@ -25,14 +25,13 @@ import os
 import select
 import socket
 import ssl
-from collections.abc import Callable
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
-from .core import SessionCore
 from .errors import ProtocolError, SessionClosedError, SmuxError
-from .runtime import Lock, Runtime, bounded_wait
+from .runtime import bounded_wait
 
 if TYPE_CHECKING:
+    from .session import SessionParts
     from .stream import Stream
     from .writing import WritePath
 
@@ -51,19 +50,9 @@ _FRAMES_PER_SLICE = 1024
 class ReadPath:
     """Reading one session's transport: the reader task, the read turn, direct reads."""
 
-    def __init__(
-        self,
-        sock: Any,
-        core: SessionCore[Stream],
-        lock: Lock,
-        runtime: Runtime,
-        abort: Callable[[SmuxError], None],
-    ) -> None:
-        self._sock = sock
-        self._core = core
-        self._lock = lock
-        self._runtime = runtime
-        self._abort = abort
+    def __init__(self, parts: SessionParts) -> None:
+        self._sock, self._core, self._lock, self._runtime, self._abort = parts
+        sock, lock, runtime = parts.sock, parts.lock, parts.runtime
         #: The write side, set by the session once both exist.
         self.writes: WritePath
         self._cond = runtime.condition(lock)  # the reader task waits here

@@ -23,17 +23,18 @@ import contextlib
 import errno
 import logging
 import socket
-from typing import Any
+from collections.abc import Callable
+from typing import Any, NamedTuple
 
 from .config import Config
 from .core import SessionCore
 from .errors import SessionClosedError, SmuxError
 from .reading import ReadPath
-from .runtime import Runtime, bounded_wait, check_timeout, get_runtime
+from .runtime import Lock, Runtime, bounded_wait, check_timeout, get_runtime
 from .stream import Stream, StreamHost
 from .writing import WritePath
 
-__all__ = ["Session", "client", "server"]
+__all__ = ["Session", "SessionParts", "client", "server"]
 
 log = logging.getLogger("pysmux")
 
@@ -41,6 +42,17 @@ log = logging.getLogger("pysmux")
 _CLOSE_FLUSH_SECONDS = 0.5
 #: How long close() waits for the session's own tasks to end.
 _JOIN_SECONDS = 5.0
+
+
+class SessionParts(NamedTuple):
+    """What the read and the write path of a session share."""
+
+    sock: Any
+    core: SessionCore[Stream]
+    lock: Lock
+    runtime: Runtime
+    #: Ends the session (lock not held).
+    abort: Callable[[SmuxError], None]
 
 
 class Session:
@@ -68,19 +80,11 @@ class Session:
         self._core = core = SessionCore(
             cfg, is_client=is_client, now=rt.monotonic(), new_stream=self._new_stream
         )
-        self._reads = reads = ReadPath(sock, core, lock, rt, self._abort)
-        self._writes = writes = WritePath(sock, core, lock, rt, reads, self._abort)
+        parts = SessionParts(sock, core, lock, rt, self._abort)
+        self._reads = reads = ReadPath(parts)
+        self._writes = writes = WritePath(parts, reads)
         reads.writes = writes
-        self._host = StreamHost(
-            lock=lock,
-            runtime=rt,
-            await_frames=reads.await_frames,
-            consumed=reads.consumed,
-            send=writes.send,
-            shut_recv=reads.shut,
-            shut_send=writes.shut,
-            reset_error=core.reset_error,
-        )
+        self._host = StreamHost(lock, rt, reads, writes, core.reset_error)
         self._prepare_transport(sock)
         role = "client" if is_client else "server"
         self._reader = rt.spawn(reads.run, f"pysmux-{role}-reader")

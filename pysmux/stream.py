@@ -20,9 +20,10 @@ import io
 import socket
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Protocol
 
-from .core import INITIAL_PEER_WINDOW, RECV_EOF, RECV_RESET, RECV_SHUT, SEND_SHUT, StreamCore
+from .core import StreamCore
+from .core.stream import INITIAL_PEER_WINDOW, RECV_EOF, RECV_RESET, RECV_SHUT, SEND_SHUT
 from .errors import SmuxError, StreamResetError
 from .runtime import bounded_wait, check_timeout
 
@@ -31,32 +32,44 @@ if TYPE_CHECKING:
 
 # INITIAL_PEER_WINDOW: what a peer may send before our first UPD (v2), as the
 # attack tooling needs it.
-__all__ = ["INITIAL_PEER_WINDOW", "Stream", "StreamHost"]
+__all__ = ["INITIAL_PEER_WINDOW", "Stream", "StreamHost", "StreamReads", "StreamWrites"]
+
+
+class StreamReads(Protocol):
+    """What a stream asks of its session's read side (the session lock held)."""
+
+    def await_frames(self, stream: Stream, deadline: float | None) -> None:
+        """Wait until frames may have changed ``stream`` (reading the transport
+        itself if nobody else is); raise when ``deadline`` passes."""
+
+    def consumed(self, stream: Stream, count: int) -> None:
+        """The application took ``count`` bytes from ``stream``."""
+
+    def shut(self, stream: Stream) -> None:
+        """Local ``shutdown(SHUT_RD)``: drop ``stream``'s data, read ``b""`` from now on."""
+
+
+class StreamWrites(Protocol):
+    """What a stream asks of its session's write side."""
+
+    def send(self, stream: Stream, data: memoryview, deadline: float | None, whole: bool) -> int:
+        """Write ``data`` (all of it if ``whole``, else what can go once the
+        stream may write); how many bytes. Called with the lock *not* held."""
+
+    def shut(self, stream: Stream) -> None:
+        """Local ``shutdown(SHUT_WR)``: queue ``stream``'s FIN once (lock held)."""
 
 
 @dataclass(frozen=True, slots=True)
 class StreamHost:
-    """What a stream may ask of its session: the whole interface between the two.
-
-    Every call is made with ``lock`` held.
-    """
+    """What a stream may ask of its session: the whole interface between the two."""
 
     #: The session's lock, which guards every stream's state.
     lock: Lock
     #: Where conditions, locks and the clock come from.
     runtime: Runtime
-    #: ``await_frames(stream, deadline)``: wait until frames may have changed
-    #: ``stream`` (reading the transport itself if nobody else is).
-    await_frames: Callable[[Stream, float | None], None]
-    #: ``consumed(stream, count)``: the application took ``count`` bytes.
-    consumed: Callable[[Stream, int], None]
-    #: ``send(stream, data, deadline, whole)``: write ``data`` (all of it if
-    #: ``whole``, else what can go once the stream may write); how many bytes.
-    #: Called with the lock *not* held (it takes it per frame).
-    send: Callable[[Stream, memoryview, float | None, bool], int]
-    #: ``shut_recv(stream)``/``shut_send(stream)``: a local shutdown of one side.
-    shut_recv: Callable[[Stream], None]
-    shut_send: Callable[[Stream], None]
+    reads: StreamReads
+    writes: StreamWrites
     #: ``reset_error(stream_id)``: what a stream reset by the session's end raises.
     reset_error: Callable[[int], StreamResetError]
 
@@ -153,7 +166,7 @@ class Stream(StreamCore):
             if not self._wait_readable(bufsize):
                 return b""
             data = self._take(bufsize)
-            host.consumed(self, len(data))
+            host.reads.consumed(self, len(data))
             return data
 
     def recv_into(self, buffer: Any, nbytes: int = 0, flags: int = 0) -> int:
@@ -179,7 +192,7 @@ class Stream(StreamCore):
             if not self._wait_readable(nbytes):
                 return 0
             count = self._take_into(view, nbytes)
-            host.consumed(self, count)
+            host.reads.consumed(self, count)
             return count
 
     def _wait_readable(self, want: int = 1) -> bool:
@@ -194,7 +207,7 @@ class Stream(StreamCore):
                 raise self._host.reset_error(self.id)
             if deadline is None:
                 deadline = self._deadline()
-            self._host.await_frames(self, deadline)
+            self._host.reads.await_frames(self, deadline)
             self._check_open()
         return want > 0
 
@@ -225,7 +238,7 @@ class Stream(StreamCore):
                 if clock() >= deadline:
                     raise self._expired()
         try:
-            return host.send(self, view, deadline, whole)
+            return host.writes.send(self, view, deadline, whole)
         finally:
             self._send_lock.release()
 
@@ -264,9 +277,9 @@ class Stream(StreamCore):
         with host.lock:
             self._check_open()
             if how != socket.SHUT_WR:
-                host.shut_recv(self)
+                host.reads.shut(self)
             if how != socket.SHUT_RD:
-                host.shut_send(self)
+                host.writes.shut(self)
 
     def close(self) -> None:
         """Send FIN if not sent yet, drop unread data, and release the stream. Idempotent.
@@ -280,8 +293,9 @@ class Stream(StreamCore):
                 self._release()
 
     def _release(self) -> None:
-        self._host.shut_recv(self)
-        self._host.shut_send(self)
+        host = self._host
+        host.reads.shut(self)
+        host.writes.shut(self)
 
     def _decref_socketios(self) -> None:
         """Called by ``socket.SocketIO.close`` (the raw file of ``makefile``)."""

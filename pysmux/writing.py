@@ -24,12 +24,13 @@ from collections import deque
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
-from .core import SEND_OPEN, SessionCore
-from .errors import SessionClosedError, SmuxError
-from .runtime import Lock, Runtime, bounded_wait
+from .core.stream import SEND_OPEN
+from .errors import SessionClosedError
+from .runtime import bounded_wait
 
 if TYPE_CHECKING:
     from .reading import ReadPath
+    from .session import SessionParts
     from .stream import Stream
 
 __all__ = ["WritePath"]
@@ -51,21 +52,10 @@ class _Expired(Exception):
 class WritePath:
     """Writing one session's transport: the transport turn, the writer task."""
 
-    def __init__(
-        self,
-        sock: Any,
-        core: SessionCore[Stream],
-        lock: Lock,
-        runtime: Runtime,
-        reads: ReadPath,
-        abort: Callable[[SmuxError], None],
-    ) -> None:
-        self._sock = sock
-        self._core = core
-        self._lock = lock
-        self._runtime = runtime
+    def __init__(self, parts: SessionParts, reads: ReadPath) -> None:
+        self._sock, self._core, self._lock, self._runtime, self._abort = parts
         self._reads = reads
-        self._abort = abort
+        sock, lock, runtime = parts.sock, parts.lock, parts.runtime
         #: The transport turn is taken (by a stream's writer or the writer task).
         self.busy = False
         #: Streams queued for the transport turn, in arrival order.

@@ -13,11 +13,12 @@ import errno
 import pytest
 
 from pysmux import ProtocolError, SessionClosedError, SmuxError, StreamResetError
-from pysmux.core import (
-    ACCEPT_STALL_SECONDS,
+from pysmux.core import StreamCore, state
+from pysmux.core.inbound import ACCEPT_STALL_SECONDS
+from pysmux.core.outbound import MAX_QUEUED_DATA
+from pysmux.core.state import READ_BUFFER
+from pysmux.core.stream import (
     INITIAL_PEER_WINDOW,
-    MAX_QUEUED_DATA,
-    READ_BUFFER,
     RECV_EOF,
     RECV_OPEN,
     RECV_RESET,
@@ -25,8 +26,6 @@ from pysmux.core import (
     SEND_OPEN,
     SEND_RESET,
     SEND_SHUT,
-    StreamCore,
-    state,
 )
 from pysmux.frame import CMD_FIN, CMD_NOP, CMD_PSH, CMD_SYN, CMD_UPD, UPD, encode_header
 from tests.coredriver import (

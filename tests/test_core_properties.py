@@ -32,14 +32,8 @@ from hypothesis.stateful import (
 )
 
 from pysmux import ProtocolError
-from pysmux.core import (
-    INITIAL_PEER_WINDOW,
-    RECV_EOF,
-    RECV_OPEN,
-    RECV_SHUT,
-    SEND_OPEN,
-    StreamCore,
-)
+from pysmux.core import StreamCore
+from pysmux.core.stream import INITIAL_PEER_WINDOW, RECV_EOF, RECV_OPEN, RECV_SHUT, SEND_OPEN
 from pysmux.frame import CMD_FIN, CMD_PSH, CMD_UPD, UPD
 from tests.coredriver import feed, make, psh, send, syn, take, written
 from tests.fuzzing import examples
@@ -302,17 +296,15 @@ class TwoCores(RuleBasedStateMachine):
         if stream is not None and stream._recv_buffered:
             pair.got[side] += take(self.cores[side], stream, size)
 
-    @rule(pair=pairs, side=SIDES)
-    def shutdown_write(self, pair: Pair, side: str) -> None:
+    @rule(pair=pairs, side=SIDES, how=st.sampled_from(["read", "write"]))
+    def shutdown(self, pair: Pair, side: str, how: str) -> None:
         stream = pair.ends[side]
-        if stream is not None:
+        if stream is None:
+            return
+        if how == "write":
             self.cores[side].shut_send(stream)
             pair.shut_wr[side] = True
-
-    @rule(pair=pairs, side=SIDES)
-    def shutdown_read(self, pair: Pair, side: str) -> None:
-        stream = pair.ends[side]
-        if stream is not None:
+        else:
             self.cores[side].shut_recv(stream)
             pair.shut_rd[side] = True
             assert stream._recv_state == RECV_SHUT and not stream._recv_buffered

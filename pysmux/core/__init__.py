@@ -11,8 +11,9 @@ driver (``pysmux/session.py`` with ``reading.py``, ``writing.py`` and
 ================  ============================================================
 module            role
 ================  ============================================================
-``stream.py``     :class:`StreamCore`: one stream's half-states, receive buffer
-                  and v2 counters; the driver's stream class derives from it
+``stream.py``     :class:`StreamCore`: one stream's half-states (the ``RECV_*``
+                  and ``SEND_*`` constants), receive buffer and v2 counters;
+                  the driver's stream class derives from it
 ``state.py``      the session's state, shared by both directions, and its end
 ``inbound.py``    bytes in, one rule per command, accepting, reading, the budget
 ``outbound.py``   opening and shutting streams, data frames, the control queue,
@@ -60,36 +61,12 @@ reset the streams' states and return the streams whose waiters must wake.
 
 from __future__ import annotations
 
-from .inbound import ACCEPT_STALL_SECONDS, Inbound
-from .outbound import MAX_QUEUED_DATA, Outbound
-from .state import READ_BUFFER, S
-from .stream import (
-    INITIAL_PEER_WINDOW,
-    RECV_EOF,
-    RECV_OPEN,
-    RECV_RESET,
-    RECV_SHUT,
-    SEND_OPEN,
-    SEND_RESET,
-    SEND_SHUT,
-    StreamCore,
-)
+from .inbound import Inbound
+from .outbound import Outbound
+from .state import S
+from .stream import StreamCore
 
-__all__ = [
-    "ACCEPT_STALL_SECONDS",
-    "INITIAL_PEER_WINDOW",
-    "MAX_QUEUED_DATA",
-    "READ_BUFFER",
-    "RECV_EOF",
-    "RECV_OPEN",
-    "RECV_RESET",
-    "RECV_SHUT",
-    "SEND_OPEN",
-    "SEND_RESET",
-    "SEND_SHUT",
-    "SessionCore",
-    "StreamCore",
-]
+__all__ = ["SessionCore", "StreamCore"]
 
 
 class SessionCore(Inbound[S], Outbound[S]):

@@ -24,12 +24,9 @@ from ..frame import (
     CMD_SYN,
     CMD_UPD,
     HEADER,
-    HEADER_SIZE,
-    MAX_PAYLOAD,
     UPD,
-    encode_header,
 )
-from .state import MASK, READ_BUFFER, S, SessionState
+from .state import MASK, MAX_FRAME, READ_BUFFER, S, SessionState
 from .stream import RECV_EOF, RECV_OPEN, RECV_SHUT
 
 __all__ = ["ACCEPT_STALL_SECONDS", "Inbound"]
@@ -37,7 +34,6 @@ __all__ = ["ACCEPT_STALL_SECONDS", "Inbound"]
 log = logging.getLogger("pysmux")
 
 _MAX_WINDOW = 2**31 - 1
-_MAX_FRAME = HEADER_SIZE + MAX_PAYLOAD
 #: A PSH for an unknown stream shorter than this counts as junk: it costs the
 #: peer little.
 _CHEAP_PAYLOAD = 512
@@ -60,7 +56,7 @@ class Inbound(SessionState[S]):
         false, not ``syn_stalled``): there is then room for a whole frame.
         """
         start, end = self._rstart, self._rend
-        if READ_BUFFER - end < _MAX_FRAME:
+        if READ_BUFFER - end < MAX_FRAME:
             buf = self._rbuf
             buf[: end - start] = buf[start:end]
             end -= start
@@ -112,11 +108,12 @@ class Inbound(SessionState[S]):
             self.syn_stalled = False
         view, start, end = self._rview, self._rstart, self._rend
         unpack = HEADER.unpack_from
+        header_size = HEADER.size
         version = self.version
         handlers = _HANDLERS
         self.more_frames = False
         count = 0
-        while end - start >= HEADER_SIZE:
+        while end - start >= header_size:
             if limit and count == limit:
                 self.more_frames = True
                 break
@@ -135,11 +132,11 @@ class Inbound(SessionState[S]):
                 raise ProtocolError(errno.EPROTO, f"peer sent unknown command {cmd}")
             if cmd != CMD_PSH:
                 self._check_control_length(cmd, length)
-            payload_end = start + HEADER_SIZE + length
+            payload_end = start + header_size + length
             if payload_end > end:
                 break
             self.frames_received += 1
-            handler(self, stream_id, view[start + HEADER_SIZE : payload_end])
+            handler(self, stream_id, view[start + header_size : payload_end])
             if self.syn_stalled:
                 break  # this SYN waits for room in the accept queue
             start = payload_end
@@ -220,7 +217,7 @@ class Inbound(SessionState[S]):
         self._count_junk("refused SYN")
         self.refusals_queued += 1
         log.info("pysmux: refused stream %d: Config.%s reached", stream_id, limit)
-        self._queue(encode_header(self.version, CMD_FIN, 0, stream_id))
+        self._queue_frame(CMD_FIN, stream_id)
 
     def _on_fin(self, stream_id: int, payload: memoryview) -> None:
         stream = self.streams.get(stream_id)

@@ -19,16 +19,14 @@ from ..frame import (
     CMD_PSH,
     CMD_SYN,
     HEADER_SIZE,
-    MAX_PAYLOAD,
     encode_header,
     encode_upd,
 )
-from .state import MASK, S, SessionState
+from .state import MASK, MAX_FRAME, S, SessionState
 from .stream import RECV_OPEN, SEND_OPEN, SEND_RESET, SEND_SHUT
 
 __all__ = ["MAX_QUEUED_DATA", "Outbound"]
 
-_MAX_FRAME = HEADER_SIZE + MAX_PAYLOAD
 #: Bytes of non-blocking sends queued while another task holds the transport.
 MAX_QUEUED_DATA = 256 * 1024
 
@@ -57,14 +55,14 @@ class Outbound(SessionState[S]):
         # Registered before the SYN is queued: a reply right after the peer's
         # accept finds the stream (Go loses it: docs/design.md section 9.1).
         self.streams[stream_id] = stream
-        self._queue(encode_header(self.version, CMD_SYN, 0, stream_id))
+        self._queue_frame(CMD_SYN, stream_id)
         return stream
 
     def shut_send(self, stream: S) -> bool:
         """Local ``shutdown(SHUT_WR)``; True when this queued the stream's FIN."""
         if stream._send_state == SEND_OPEN:
             stream._send_state = SEND_SHUT
-            self._queue(encode_header(self.version, CMD_FIN, 0, stream.id))
+            self._queue_frame(CMD_FIN, stream.id)
             self._unregister_if_done(stream)
             return True
         if stream._send_state == SEND_RESET:
@@ -76,7 +74,7 @@ class Outbound(SessionState[S]):
     def window(self, stream: S) -> int:
         """Bytes ``stream`` may send now; 0 or less: wait for a UPD (version 2)."""
         if self.version == 1:
-            return _MAX_FRAME
+            return MAX_FRAME
         inflight = (stream._num_written - stream._peer_consumed) & MASK
         return stream._peer_window - inflight
 
@@ -168,5 +166,5 @@ class Outbound(SessionState[S]):
             self._next_ping = now + cfg.keepalive_interval
             if not self._nop_queued:
                 self._nop_queued = True
-                self._queue(encode_header(self.version, CMD_NOP, 0, 0))
+                self._queue_frame(CMD_NOP, 0)
         return min(self._next_ping, self.last_rx + cfg.keepalive_timeout) - now

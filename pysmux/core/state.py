@@ -15,6 +15,7 @@ from typing import Generic, TypeVar
 
 from ..config import Config
 from ..errors import ProtocolError, SessionClosedError, SmuxError, StreamResetError
+from ..frame import HEADER_SIZE, MAX_PAYLOAD, encode_header
 from .stream import INITIAL_PEER_WINDOW, RECV_OPEN, RECV_RESET, SEND_OPEN, SEND_RESET, StreamCore
 
 __all__ = ["READ_BUFFER", "SessionState"]
@@ -22,6 +23,8 @@ __all__ = ["READ_BUFFER", "SessionState"]
 S = TypeVar("S", bound=StreamCore)
 
 MASK = 0xFFFFFFFF
+#: The largest frame a peer may send, header included.
+MAX_FRAME = HEADER_SIZE + MAX_PAYLOAD
 #: The read buffer; the unparsed tail is moved to the front once less than a
 #: whole maximal frame fits behind it.
 READ_BUFFER = 256 * 1024
@@ -143,6 +146,10 @@ class SessionState(Generic[S]):
             return  # nothing can be written any more
         self.control.append(item)
         self.control_queued += 1
+
+    def _queue_frame(self, cmd: int, stream_id: int) -> None:
+        """Queue a frame without payload (SYN, FIN, NOP)."""
+        self._queue(encode_header(self.version, cmd, 0, stream_id))
 
     # -- the end ---------------------------------------------------------------------
 
