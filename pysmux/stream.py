@@ -1,32 +1,16 @@
-"""A socket-like smux stream.
+"""The socket-like smux stream, and what it may ask of its session.
 
-A ``Stream`` holds what one logical connection needs: its receive buffer, its
-two half-states and, in version 2, its flow-control counters. It shares the
-session's lock; every change to that state happens under it. Frames are
-written and read by the session (``session.py``); the stream only asks.
+A ``Stream`` is the application's handle on one logical connection. Its
+protocol state (the two half-states, the receive buffer, the v2 counters; the
+table of states is in ``pysmux/core/stream.py``) comes from
+:class:`~pysmux.core.StreamCore`, which only the session's core changes. On
+top of it the stream keeps what blocking calls need: its timeout, a condition
+to wait on, a send lock, and the handle's own ``closed`` flag.
 
-The life of a stream is two small state machines, one per direction:
-
-====================  ===========================================  ==========================
-receive side          entered when                                 ``recv`` answers
-====================  ===========================================  ==========================
-``RECV_OPEN``         the stream is created                        buffered data, else waits
-``RECV_EOF``          the peer's FIN arrives                       buffered data, then ``b""``
-``RECV_RESET``        the session ends before the peer's FIN       buffered data, then reset
-``RECV_SHUT``         local ``shutdown(SHUT_RD)`` or ``close()``   ``b""`` (data is dropped)
-====================  ===========================================  ==========================
-
-====================  ===========================================  ==========================
-send side             entered when                                 ``send`` answers
-====================  ===========================================  ==========================
-``SEND_OPEN``         the stream is created                        writes
-``SEND_SHUT``         local ``shutdown(SHUT_WR)``/``close()``:     ``BrokenPipeError``
-                      a FIN is queued exactly once
-``SEND_RESET``        the session ends                             ``StreamResetError``
-====================  ===========================================  ==========================
-
-A stream leaves the session's table once neither side is open. ``close()``
-additionally marks the handle itself closed, as a socket's file descriptor.
+A stream asks its session for everything else through one :class:`StreamHost`,
+always under the session's lock (``host.lock``), which all its streams share.
+``close()`` marks the handle closed, as a socket's file descriptor, and
+releases the stream: it leaves the session's table once neither side is open.
 """
 
 from __future__ import annotations
@@ -34,26 +18,63 @@ from __future__ import annotations
 import errno
 import io
 import socket
-from collections import deque
-from typing import TYPE_CHECKING, Any
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any, Protocol
 
-from .errors import SmuxError
+from .core import StreamCore
+from .core.stream import INITIAL_PEER_WINDOW, RECV_EOF, RECV_RESET, RECV_SHUT, SEND_SHUT
+from .errors import SmuxError, StreamResetError
 from .runtime import bounded_wait, check_timeout
 
 if TYPE_CHECKING:
-    from .runtime import Condition
-    from .session import Session
+    from .runtime import Condition, Lock, Runtime
 
-__all__ = ["Stream"]
-
-RECV_OPEN, RECV_EOF, RECV_RESET, RECV_SHUT = range(4)
-SEND_OPEN, SEND_SHUT, SEND_RESET = range(3)
-
-#: Go's initial assumption about a peer's window before its first UPD (v2).
-INITIAL_PEER_WINDOW = 262144
+# INITIAL_PEER_WINDOW: what a peer may send before our first UPD (v2), as the
+# attack tooling needs it.
+__all__ = ["INITIAL_PEER_WINDOW", "Stream", "StreamHost", "StreamReads", "StreamWrites"]
 
 
-class Stream:
+class StreamReads(Protocol):
+    """What a stream asks of its session's read side (the session lock held)."""
+
+    def await_frames(self, stream: Stream, deadline: float | None) -> None:
+        """Wait until frames may have changed ``stream`` (reading the transport
+        itself if nobody else is); raise when ``deadline`` passes."""
+
+    def consumed(self, stream: Stream, count: int) -> None:
+        """The application took ``count`` bytes from ``stream``."""
+
+    def shut(self, stream: Stream) -> None:
+        """Local ``shutdown(SHUT_RD)``: drop ``stream``'s data, read ``b""`` from now on."""
+
+
+class StreamWrites(Protocol):
+    """What a stream asks of its session's write side."""
+
+    def send(self, stream: Stream, data: memoryview, deadline: float | None, whole: bool) -> int:
+        """Write ``data`` (all of it if ``whole``, else what can go once the
+        stream may write); how many bytes. Called with the lock *not* held."""
+
+    def shut(self, stream: Stream) -> None:
+        """Local ``shutdown(SHUT_WR)``: queue ``stream``'s FIN once (lock held)."""
+
+
+@dataclass(frozen=True, slots=True)
+class StreamHost:
+    """What a stream may ask of its session: the whole interface between the two."""
+
+    #: The session's lock, which guards every stream's state.
+    lock: Lock
+    #: Where conditions, locks and the clock come from.
+    runtime: Runtime
+    reads: StreamReads
+    writes: StreamWrites
+    #: ``reset_error(stream_id)``: what a stream reset by the session's end raises.
+    reset_error: Callable[[int], StreamResetError]
+
+
+class Stream(StreamCore):
     """One logical, socket-like connection inside a session.
 
     Blocking by default; ``settimeout``/``setblocking`` behave as on sockets.
@@ -61,55 +82,27 @@ class Stream:
 
     __slots__ = (
         "__weakref__",
-        "_chunks",
         "_closed",
         "_cond",
-        "_head",
-        "_incr",
+        "_host",
         "_io_refs",
-        "_num_read",
-        "_num_written",
-        "_peer_consumed",
-        "_peer_window",
-        "_recv_buffered",
-        "_recv_state",
         "_send_lock",
-        "_send_state",
-        "_session",
         "_timeout",
         "_tx_granted",
-        "_upd_pending",
         "_waiting",
-        "id",
     )
 
-    def __init__(self, session: Session, stream_id: int) -> None:
-        self._session = session
-        #: The smux stream id (client-opened odd, server-opened even).
-        self.id = stream_id
-        self._recv_state = RECV_OPEN
-        self._send_state = SEND_OPEN
+    def __init__(self, host: StreamHost, stream_id: int) -> None:
+        super().__init__(stream_id)
+        self._host = host
         self._closed = False
         self._io_refs = 0
-        self._timeout: float | None = session._default_timeout
-        # Receive buffer: whole payloads, the first one read from offset _head;
-        # made on the first payload, so an idle stream stays small.
-        # Small payloads are coalesced into bytearrays (see Session._on_psh).
-        self._chunks: deque[bytes | bytearray] | None = None
-        self._head = 0
-        self._recv_buffered = 0
+        self._timeout: float | None = None
         # Created on first wait: an idle stream stays small.
         self._cond: Condition | None = None
         self._waiting = 0
         self._send_lock: Any = None
-        self._tx_granted = False
-        # Version 2 counters, all modulo 2**32 as on the wire.
-        self._num_read = 0
-        self._incr = 0
-        self._upd_pending = False
-        self._num_written = 0
-        self._peer_consumed = 0
-        self._peer_window = INITIAL_PEER_WINDOW
+        self._tx_granted = False  # the transport turn was handed to this stream
 
     def __repr__(self) -> str:
         recv = ("open", "eof", "reset", "shut")[self._recv_state]
@@ -121,7 +114,8 @@ class Stream:
 
     def _condition(self) -> Condition:
         if self._cond is None:
-            self._cond = self._session._runtime.condition(self._session._lock)
+            host = self._host
+            self._cond = host.runtime.condition(host.lock)
         return self._cond
 
     def _wait(self, deadline: float | None) -> None:
@@ -129,7 +123,7 @@ class Stream:
         if deadline is None:
             remaining = None
         else:
-            remaining = deadline - self._session._runtime.monotonic()
+            remaining = deadline - self._host.runtime.monotonic()
             if remaining <= 0:
                 raise self._expired()
         cond = self._condition()
@@ -153,7 +147,7 @@ class Stream:
     def _deadline(self) -> float | None:
         if self._timeout is None:
             return None
-        return self._session._runtime.monotonic() + self._timeout
+        return self._host.runtime.monotonic() + self._timeout
 
     def _check_open(self) -> None:
         if self._closed and self._io_refs <= 0:
@@ -167,11 +161,12 @@ class Stream:
             raise ValueError("negative buffersize in recv")
         if flags:
             raise ValueError("flags are not supported")
-        with self._session._lock:
+        host = self._host
+        with host.lock:
             if not self._wait_readable(bufsize):
                 return b""
             data = self._take(bufsize)
-            self._session._consumed(self, len(data))
+            host.reads.consumed(self, len(data))
             return data
 
     def recv_into(self, buffer: Any, nbytes: int = 0, flags: int = 0) -> int:
@@ -192,11 +187,12 @@ class Stream:
             raise ValueError("flags are not supported")
         if nbytes == 0:
             nbytes = len(view)
-        with self._session._lock:
+        host = self._host
+        with host.lock:
             if not self._wait_readable(nbytes):
                 return 0
             count = self._take_into(view, nbytes)
-            self._session._consumed(self, count)
+            host.reads.consumed(self, count)
             return count
 
     def _wait_readable(self, want: int = 1) -> bool:
@@ -208,60 +204,12 @@ class Stream:
             if state in (RECV_EOF, RECV_SHUT) or want == 0:
                 return False
             if state == RECV_RESET:
-                raise self._session._reset_error(self.id)
+                raise self._host.reset_error(self.id)
             if deadline is None:
                 deadline = self._deadline()
-            self._session._await_frames(self, deadline)
+            self._host.reads.await_frames(self, deadline)
             self._check_open()
         return want > 0
-
-    def _take(self, size: int) -> bytes:
-        chunks = self._chunks
-        assert chunks is not None  # data is buffered
-        first = chunks[0]
-        head = self._head
-        if head == 0 and len(first) <= size:
-            # The common bulk case: hand out a whole payload without a copy.
-            chunks.popleft()
-            self._recv_buffered -= len(first)
-            return first if type(first) is bytes else bytes(first)
-        out = self._take_into_list(size)
-        return b"".join(out)
-
-    def _take_into_list(self, size: int) -> list[bytes | bytearray | memoryview]:
-        chunks = self._chunks
-        assert chunks is not None  # data is buffered
-        out: list[bytes | bytearray | memoryview] = []
-        while size and chunks:
-            first = chunks[0]
-            avail = len(first) - self._head
-            if avail <= size:
-                out.append(memoryview(first)[self._head :] if self._head else first)
-                chunks.popleft()
-                self._head = 0
-                size -= avail
-                self._recv_buffered -= avail
-            else:
-                out.append(memoryview(first)[self._head : self._head + size])
-                self._head += size
-                self._recv_buffered -= size
-                size = 0
-        return out
-
-    def _take_into(self, view: memoryview, size: int) -> int:
-        pos = 0
-        for part in self._take_into_list(size):
-            end = pos + len(part)
-            view[pos:end] = part
-            pos = end
-        return pos
-
-    def _drop_buffer(self) -> int:
-        dropped = self._recv_buffered
-        self._chunks = None
-        self._head = 0
-        self._recv_buffered = 0
-        return dropped
 
     # -- sending ---------------------------------------------------------------------
 
@@ -275,22 +223,22 @@ class Stream:
 
     def _send(self, data: Any, whole: bool) -> int:
         view = memoryview(data).cast("B")
-        session = self._session
+        host = self._host
         if self._send_lock is None:
-            with session._lock:
+            with host.lock:
                 if self._send_lock is None:
-                    self._send_lock = session._runtime.lock()
+                    self._send_lock = host.runtime.lock()
         deadline = self._deadline()
         # One writer per stream at a time, so concurrent sendall calls do not interleave.
         if deadline is None:
             self._send_lock.acquire()
         else:
-            clock = session._runtime.monotonic
+            clock = host.runtime.monotonic
             while not self._send_lock.acquire(True, bounded_wait(deadline - clock()) or 0.0):
                 if clock() >= deadline:
                     raise self._expired()
         try:
-            return session._send_data(self, view, deadline, whole)
+            return host.writes.send(self, view, deadline, whole)
         finally:
             self._send_lock.release()
 
@@ -300,7 +248,7 @@ class Stream:
             return BrokenPipeError(errno.EPIPE, f"stream {self.id} is closed")
         if self._send_state == SEND_SHUT:
             return BrokenPipeError(errno.EPIPE, f"stream {self.id} was shut down for writing")
-        return self._session._reset_error(self.id)
+        return self._host.reset_error(self.id)
 
     # -- socket-like settings --------------------------------------------------------
 
@@ -325,13 +273,13 @@ class Stream:
         """``SHUT_WR`` sends FIN (reading goes on); ``SHUT_RD`` drops incoming data."""
         if how not in (socket.SHUT_RD, socket.SHUT_WR, socket.SHUT_RDWR):
             raise ValueError(f"invalid shutdown mode {how!r}")
-        session = self._session
-        with session._lock:
+        host = self._host
+        with host.lock:
             self._check_open()
             if how != socket.SHUT_WR:
-                session._shut_recv(self)
+                host.reads.shut(self)
             if how != socket.SHUT_RD:
-                session._shut_send(self)
+                host.writes.shut(self)
 
     def close(self) -> None:
         """Send FIN if not sent yet, drop unread data, and release the stream. Idempotent.
@@ -339,18 +287,19 @@ class Stream:
         As with ``socket.close()``, files from ``makefile()`` keep the stream
         usable until they are closed too.
         """
-        with self._session._lock:
+        with self._host.lock:
             self._closed = True
             if self._io_refs <= 0:
                 self._release()
 
     def _release(self) -> None:
-        self._session._shut_recv(self)
-        self._session._shut_send(self)
+        host = self._host
+        host.reads.shut(self)
+        host.writes.shut(self)
 
     def _decref_socketios(self) -> None:
         """Called by ``socket.SocketIO.close`` (the raw file of ``makefile``)."""
-        with self._session._lock:
+        with self._host.lock:
             if self._io_refs > 0:
                 self._io_refs -= 1
             if self._closed and self._io_refs <= 0:
@@ -373,7 +322,7 @@ class Stream:
         binary = "b" in mode
         rawmode = ("r" if reading else "") + ("w" if writing else "")
         raw = socket.SocketIO(self, rawmode)  # type: ignore[arg-type]
-        with self._session._lock:
+        with self._host.lock:
             self._check_open()
             self._io_refs += 1
         if buffering is None:

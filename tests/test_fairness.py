@@ -31,7 +31,7 @@ def test_writers_take_turns_frame_by_frame(raw_session, version):
     data = payload(frames_each * session.config.max_frame_size, seed=version)
     writers = [spawn(st.sendall, data) for st in streams]
     # The peer reads nothing until both writers wait on the transport.
-    wait_until(lambda: len(session._tx_waiters) == 1, what="a writer queued for the transport")
+    wait_until(lambda: len(session._writes.waiters) == 1, what="a writer queued for the transport")
     if version == 2:
         for st in streams:  # open the windows wide: only the transport limits the writers
             peer.upd(st.id, 0, 1 << 30)

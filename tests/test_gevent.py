@@ -588,9 +588,9 @@ def test_gevent_timeout_while_queued_for_the_transport_passes_it_on(runtime):
 
             assert writer.started_call.wait(5)  # it runs until the full transport blocks it
             waiter = spawn(queued_then_interrupted)
-            wait_until(lambda: small in session._tx_waiters, 1, "queued for the transport")
+            wait_until(lambda: small in session._writes.waiters, 1, "queued for the transport")
             assert waiter.result(5) == "interrupted"
-            assert small not in session._tx_waiters
+            assert small not in session._writes.waiters
             assert not session.closed, session.error
             peer = RawPeer(theirs)
             got = {bulk.id: 0, small.id: 0}

@@ -281,12 +281,12 @@ def feed(peer: RawPeer, data: bytes) -> None:
 
 def buffered(session: Any) -> int:
     """Unread bytes the session holds (a private counter: no public one exists)."""
-    return int(session._buffered)
+    return int(session._core.buffered)
 
 
 def reader_paused(session: Any) -> bool:
     """The session stopped reading its transport: unread data reached the budget (private)."""
-    return bool(session._reader_paused)
+    return bool(session._reads.paused)
 
 
 def unread_in_socket(sock: Any) -> int:

@@ -45,8 +45,8 @@ def _fill_transport(client: pysmux.Session, server: pysmux.Session) -> tuple[obj
     hog.sendall(b"h")
     peer = server.accept_stream(timeout=5)
     worker = spawn(hog.sendall, b"x" * (4 << 20))
-    wait_until(lambda: server._reader_paused, 5, "the server stops reading (budget full)")
-    wait_until(lambda: client._tx_busy, 5, "the hog holds the transport")
+    wait_until(lambda: server._reads.paused, 5, "the server stops reading (budget full)")
+    wait_until(lambda: client._writes.busy, 5, "the hog holds the transport")
     return worker, peer
 
 
@@ -107,7 +107,7 @@ def test_refusals_stay_bounded_while_an_application_thread_reads(pair, runtime):
     # Ping-pong until the server's application task reads the transport itself (on
     # threads, unpatched). Under a tracer (coverage) that can take too long to be
     # sure of; the bound is checked either way.
-    direct = server._direct_reads and sys.gettrace() is None
+    direct = server._reads.direct and sys.gettrace() is None
     reader = spawn(_ping_then_recv, peer)
     for _ in range(20):
         for _ in range(20):  # quick rounds: replies arrive within the reader's linger
@@ -115,7 +115,7 @@ def test_refusals_stay_bounded_while_an_application_thread_reads(pair, runtime):
             st.sendall(b"q")
         assert st.recv(1) == b"p"
         wait_until(lambda: _in_recv(server, peer), 5, "the application waits in recv")
-        if not direct or server._leader is peer:
+        if not direct or server._reads.leader is peer:
             break
         st.sendall(b"q")
     # Best effort: late in session 2 this direct read stopped being reached reliably
@@ -126,7 +126,7 @@ def test_refusals_stay_bounded_while_an_application_thread_reads(pair, runtime):
     unread.sendall(b"!")
     filler = server.accept_stream(timeout=5)
     filler_writer = spawn(filler.sendall, b"f" * (1 << 20))
-    wait_until(lambda: client._reader_paused, 5, "the client stops reading")
+    wait_until(lambda: client._reads.paused, 5, "the client stops reading")
     flood = b"".join(
         frame.encode_header(1, frame.CMD_SYN, 0, sid) for sid in range(1001, 801_001, 2)
     )
@@ -135,7 +135,7 @@ def test_refusals_stay_bounded_while_an_application_thread_reads(pair, runtime):
         p.client_sock.sendall(flood)
     # At most the bound plus what one read of the transport can parse.
     bound = 1024 + 256 * 1024 // frame.HEADER_SIZE
-    assert len(server._control) <= bound, len(server._control)
+    assert len(server._core.control) <= bound, len(server._core.control)
     assert server.refused_streams > 1024
     server.close()
     with pytest.raises(pysmux.StreamResetError):
@@ -248,7 +248,7 @@ def test_interrupted_frame_write_does_not_end_the_session(runtime, how):
                     st.sendall(b"y" * (8 << 20))  # nobody reads: blocks inside a frame write
             else:
                 g = gevent.spawn(st.sendall, b"y" * (8 << 20))
-                wait_until(lambda: session._tx_busy, 5, "the write blocks")
+                wait_until(lambda: session._writes.busy, 5, "the write blocks")
                 g.kill(block=True, timeout=5)
                 assert g.dead
             assert not session.closed, session.error
@@ -296,7 +296,7 @@ def test_one_byte_frames_cost_about_a_byte_each(runtime):
                         sent += theirs.send(flood[sent : sent + 65536])
                 except TimeoutError:
                     pass  # pysmux stopped reading: the budget is full
-                wait_until(lambda: session._reader_paused, 5, "the reader pauses")
+                wait_until(lambda: session._reads.paused, 5, "the reader pauses")
                 held = st._recv_buffered
                 used = tracemalloc.get_traced_memory()[0] - base
             finally:
@@ -342,7 +342,7 @@ def test_a_session_task_that_dies_closes_the_session(pair):
     def broken(deadline: object) -> None:
         raise RuntimeError("boom")
 
-    client._release_transport = broken  # the writer calls it for control frames
+    client._writes._release = broken  # the writer calls it for control frames
     client.open_stream()  # queues a SYN for the writer
     wait_until(lambda: client.closed, 5, "the session ends")
     assert isinstance(client.error, pysmux.SessionClosedError)
@@ -368,7 +368,7 @@ def test_recv_into_bad_buffer_keeps_the_data(pair):
         peer.recv_into(bytearray(3), -1)
     buf = bytearray(5)
     assert peer.recv_into(buf) == 5 and buf == b"hello"
-    assert server._buffered == 0  # the budget came back
+    assert server._core.buffered == 0  # the budget came back
 
 
 # -- 7. idle sessions do not wake up -------------------------------------------------
@@ -414,7 +414,7 @@ def test_idle_sessions_cost_no_wakeups(pair, runtime):
 
 def _in_recv(session: pysmux.Session, stream: pysmux.Stream) -> bool:
     """``stream`` has a task blocked in recv: waiting, or reading the transport."""
-    return bool(stream._waiting) or session._leader is stream
+    return bool(stream._waiting) or session._reads.leader is stream
 
 
 # -- 8. timeouts are checked as sockets check them -----------------------------------

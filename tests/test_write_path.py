@@ -11,7 +11,7 @@ from typing import Any
 import pytest
 
 import pysmux
-from pysmux import session as session_module
+from pysmux.core import state as core_state
 from tests.util import socketpair, spawn, wait_until
 
 
@@ -137,7 +137,7 @@ def test_stream_ids_exhausted_is_a_clear_error(pair: Any) -> None:
     client, server = pair()
     st = client.open_stream()
     peer = server.accept_stream(timeout=5)
-    client._next_id = 2**32 + 1  # white box: skip four billion opens
+    client._core._next_id = 2**32 + 1  # white box: skip four billion opens
     with pytest.raises(pysmux.SmuxError, match="stream ids"):
         client.open_stream()
     st.sendall(b"still here")
@@ -147,7 +147,7 @@ def test_stream_ids_exhausted_is_a_clear_error(pair: Any) -> None:
 
 def test_recently_closed_ids_are_bounded(pair: Any, monkeypatch: pytest.MonkeyPatch) -> None:
     """The memory of closed stream ids (frames for them are not junk) has a bound."""
-    monkeypatch.setattr(session_module, "_RECENTLY_CLOSED", 8)
+    monkeypatch.setattr(core_state, "_RECENTLY_CLOSED", 8)
     client, server = pair()
     ids = []
     for _ in range(20):
@@ -159,8 +159,8 @@ def test_recently_closed_ids_are_bounded(pair: Any, monkeypatch: pytest.MonkeyPa
     # A stream is released once both FINs crossed; each end then remembers its id.
     wait_until(lambda: client.num_streams == 0 and server.num_streams == 0, 5, "all released")
     # Both ends closed 20 streams, in order: each remembers exactly the last 8.
-    assert list(client._recently_closed) == ids[-8:]
-    assert list(server._recently_closed) == ids[-8:]
+    assert list(client._core._recently_closed) == ids[-8:]
+    assert list(server._core._recently_closed) == ids[-8:]
 
 
 def test_close_does_not_wait_for_dropped_window_updates(pair: Any) -> None:
