@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+from typing import Any
 
 from ..cli_options import address, positive_int, positive_seconds
 from ..config import Config
@@ -80,8 +81,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )
 
 
-def run(args: argparse.Namespace, config: Config) -> int:
-    """``pysmux attack``: 0 when the server stayed responsive through every attack."""
+def run(args: argparse.Namespace, config: Config, security: dict[str, Any]) -> int:
+    """``pysmux attack``: 0 when the server stayed responsive through every attack.
+    ``security``: the keyword arguments of the TLS and key flags."""
     settings = AttackSettings(
         duration=args.duration,
         conns=args.conns,
@@ -101,6 +103,7 @@ def run(args: argparse.Namespace, config: Config) -> int:
             runtime=args.runtime,
             probe_interval=args.probe_interval,
             probe_timeout=args.probe_timeout,
+            **security,
         )
         reports.append(report)
         if not args.json:

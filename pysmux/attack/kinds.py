@@ -13,8 +13,8 @@ import time
 from collections.abc import Callable
 from typing import Any
 
+from ..dialer import Dialer
 from ..frame import CMD_NOP, CMD_PSH, CMD_SYN, encode_header
-from ..runtime import Runtime
 from ..stream import INITIAL_PEER_WINDOW
 from ..tcp import Address
 from .hostile import HostileConn
@@ -59,8 +59,8 @@ class AttackSettings:
 class Run:
     """One attack under way: its connections, its clock and its byte budget."""
 
-    def __init__(self, rt: Runtime, address: Address, settings: AttackSettings) -> None:
-        self.rt = rt
+    def __init__(self, dialer: Dialer, address: Address, settings: AttackSettings) -> None:
+        self.dialer = dialer
         self.address = address
         self.settings = settings
         self.began = time.monotonic()
@@ -68,11 +68,12 @@ class Run:
         self.conns: list[HostileConn] = []
         self.frames = 0
         self.notes: list[str] = []
+        rt = dialer.runtime
         self._nap_cond = rt.condition(rt.lock())
 
     def connect(self, default: int) -> list[HostileConn]:
         count = self.settings.conns or default
-        new = HostileConn.open_many(self.rt, self.address, count, self.settings.connect_timeout)
+        new = HostileConn.open_many(self.dialer, self.address, count)
         if len(new) < count:
             self.notes.append(f"only {len(new)} of {count} connections could be opened")
         self.conns += new
