@@ -29,7 +29,7 @@ from pysmux.rpc import (
 from pysmux.rpc.lines import ByteBudget, LineReader, LineTooLong, OverBudget
 from pysmux.rpc.protocol import check_response
 from pysmux.runtime import get_runtime
-from tests.util import Queue, recv_to_eof, spawn, wait_until
+from tests.util import Event, Queue, recv_to_eof, spawn, wait_until
 
 PURE = pytest.mark.runtime_independent(reason="pure functions, no I/O")
 
@@ -413,3 +413,77 @@ def test_server_close_ends_sleeping_calls_promptly(pair, runtime: str) -> None:
     assert time.monotonic() - began < 3
     assert isinstance(results.get(timeout=1), OSError)
     client.close()
+
+
+# ---------------------------------------------------------------------------
+# draining
+
+
+@pytest.fixture
+def holding(pair, runtime: str):
+    """(client session, server, started, release): a server with a method ``hold`` that
+    returns "done" once the test sets ``release`` (``started`` is set when it begins)."""
+    client_session, server_session = pair()
+    server = register_builtins(RpcServer(runtime=runtime))  # idle_timeout: 300 s
+    started, release = Event(), Event()
+
+    def hold() -> str:
+        started.set()
+        assert release.wait(20), "the test never released the call"
+        return "done"
+
+    server.register("hold", hold)
+    serving = spawn(server.serve_session, server_session, name="serve-session")
+    yield client_session, server, started, release
+    release.set()
+    server.close()
+    serving.result(10)
+
+
+def test_drain_closes_idle_pooled_streams_and_answers_the_call_in_flight(holding) -> None:
+    """A draining server (SIGTERM, ``drain()``) does not wait for the idle streams of
+    clients' pools (they would hold it for the whole drain timeout): it closes them at
+    once, the call in flight still gets its answer, and the drain ends as soon as that
+    call is answered. The idle client's next call then fails at once."""
+    client_session, server, started, release = holding
+    idle = RpcClient(client_session, timeout=10)
+    assert idle.call("add", [1, 2]) == 3  # its stream stays pooled, idle on the server
+    busy = RpcClient(client_session, timeout=20)
+    call = spawn(busy.call, "hold", name="call-in-flight")
+    assert started.wait(5)
+    wait_until(lambda: server.streams == 2, 5, "two streams served")
+    drained = spawn(server.drain, 30, name="drain")
+    wait_until(lambda: server.streams == 1, 5, "the idle stream closed at once")
+    assert server.draining and not server.closed  # the call in flight holds the drain
+    began = time.monotonic()
+    release.set()
+    assert call.result(10) == "done"
+    assert drained.result(10) is True
+    assert time.monotonic() - began < 3, "the drain waited past the last answer"
+    with pytest.raises(OSError):
+        idle.call("add", [1, 2])
+    idle.close()
+    busy.close()
+
+
+def test_drain_answers_the_requests_received_and_nothing_new(holding) -> None:
+    """A client pipelining on one stream: the requests the server had received when the
+    drain began are answered in order, then the stream ends; a request sent after that
+    gets no answer (the stream's end, not a hang)."""
+    client_session, server, started, release = holding
+    channel = RpcChannel(client_session.open_stream())
+    lines = [{"jsonrpc": "2.0", "method": "hold", "id": 1},
+             {"jsonrpc": "2.0", "method": "add", "params": [1, 2], "id": 2},
+             {"jsonrpc": "2.0", "method": "echo", "params": ["x"], "id": 3}]  # fmt: skip
+    channel.send_line(b"".join(json.dumps(line).encode() + b"\n" for line in lines))
+    assert started.wait(5)  # the server read all three: one frame, one read
+    drained = spawn(server.drain, 30, name="drain")
+    wait_until(lambda: server.draining, 5, "draining")
+    channel.send({"jsonrpc": "2.0", "method": "add", "params": [5, 5], "id": 4})
+    release.set()
+    deadline = time.monotonic() + 10
+    assert [channel.answer(i, deadline) for i in (1, 2, 3)] == ["done", 3, ["x"]]
+    with pytest.raises(RpcProtocolError, match="without answering"):
+        channel.receive(deadline)
+    assert drained.result(10) is True
+    channel.close()
