@@ -30,7 +30,7 @@ import time
 from collections.abc import Callable
 from typing import Any
 
-from .cli_options import positive_int
+from .cli_options import Flag, add_flags, positive_int
 from .config import Config
 from .loadstats import LatencyHistogram, ProgressLine, format_bytes
 from .rpc import RpcClient, RpcServer, register_builtins
@@ -284,24 +284,17 @@ def run_demo(
     return result
 
 
+_FLAGS = (
+    Flag("--connections", positive_int, 300, "N", "TCP connections through the tunnel"),
+    Flag("--calls", positive_int, 3000, "K", "JSON-RPC calls"),
+    Flag("--size", positive_int, 32768, "BYTES",
+         "largest payload of a connection; each sends between half that and that"),
+    Flag("--concurrency", positive_int, 32, "C", "connections in flight at once"),
+)  # fmt: skip
+
+
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument(
-        "--connections", type=positive_int, default=300, metavar="N",
-        help="TCP connections through the tunnel (default: 300)",
-    )  # fmt: skip
-    parser.add_argument(
-        "--calls", type=positive_int, default=3000, metavar="K",
-        help="JSON-RPC calls (default: 3000)",
-    )  # fmt: skip
-    parser.add_argument(
-        "--size", type=positive_int, default=32768, metavar="BYTES",
-        help="largest payload of a connection; each sends between half that and that "
-        "(default: 32768)",
-    )  # fmt: skip
-    parser.add_argument(
-        "--concurrency", type=positive_int, default=32, metavar="C",
-        help="connections in flight at once (default: 32)",
-    )  # fmt: skip
+    add_flags(parser, _FLAGS)
 
 
 def run(args: argparse.Namespace, config: Config, security: dict[str, Any]) -> int:

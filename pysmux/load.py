@@ -37,7 +37,7 @@ import time
 from collections.abc import Callable, Sequence
 from typing import Any
 
-from .cli_options import address, positive_int, positive_seconds
+from .cli_options import Flag, add_flags, add_remote, positive_int, positive_seconds
 from .config import Config
 from .dialer import Dialer
 from .loadstats import LatencyHistogram, ProgressLine, format_bytes
@@ -389,64 +389,31 @@ DESCRIPTION = (
 )
 
 
+#: The load's shape and its timeouts.
+_FLAGS = (
+    Flag("--conns", positive_int, 1, "N", "mux connections to each server"),
+    Flag("--streams", positive_int, 1, "M", "concurrent streams on each connection"),
+    Flag("--size", positive_int, 64, "BYTES",
+         "request size: echo bytes, or characters of the echo call's string"),
+    Flag("--timeout", positive_seconds, 10.0, "SECONDS",
+         "a request not answered within this counts as an error"),
+    Flag("--connect-timeout", positive_seconds, 10.0, "SECONDS", "for each mux connection"),
+)  # fmt: skip
+#: What ends the run: one or the other.
+_END_FLAGS = (
+    Flag("--duration", positive_seconds, None, "SECONDS",
+         "run this long (the default, 5 s, when --requests is not given)"),
+    Flag("--requests", positive_int, None, "K", "stop after K requests in all"),
+)  # fmt: skip
+
+
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument(
-        "-r",
-        "--remote",
-        "--remoteaddr",
-        dest="remote",
-        action="append",
-        type=address,
-        required=True,
-        metavar="ADDR",
-        help="a server, HOST:PORT; repeat for several (each gets --conns connections)",
+    add_remote(
+        parser, "a server, HOST:PORT; repeat for several (each gets --conns connections)", True
     )
     parser.add_argument("--mode", choices=MODES, default="echo", help="(default: echo)")
-    parser.add_argument(
-        "--conns",
-        type=positive_int,
-        default=1,
-        metavar="N",
-        help="mux connections to each server (default: 1)",
-    )
-    parser.add_argument(
-        "--streams",
-        type=positive_int,
-        default=1,
-        metavar="M",
-        help="concurrent streams on each connection (default: 1)",
-    )
-    end = parser.add_mutually_exclusive_group()
-    end.add_argument(
-        "--duration",
-        type=positive_seconds,
-        metavar="SECONDS",
-        help="run this long (the default, 5 s, when --requests is not given)",
-    )
-    end.add_argument(
-        "--requests", type=positive_int, metavar="K", help="stop after K requests in all"
-    )
-    parser.add_argument(
-        "--size",
-        type=positive_int,
-        default=64,
-        metavar="BYTES",
-        help="request size: echo bytes, or characters of the echo call's string (default: 64)",
-    )
-    parser.add_argument(
-        "--timeout",
-        type=positive_seconds,
-        default=10.0,
-        metavar="SECONDS",
-        help="a request not answered within this counts as an error (default: 10)",
-    )
-    parser.add_argument(
-        "--connect-timeout",
-        type=positive_seconds,
-        default=10.0,
-        metavar="SECONDS",
-        help="for each mux connection (default: 10)",
-    )
+    add_flags(parser.add_mutually_exclusive_group(), _END_FLAGS)
+    add_flags(parser, _FLAGS)
     parser.add_argument(
         "--json", action="store_true", help="print the summary as one JSON object instead"
     )
