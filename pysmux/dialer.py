@@ -14,6 +14,7 @@ A server that requires a key or TLS is reached by giving them here, as to
 
 from __future__ import annotations
 
+import logging
 import ssl
 from typing import Any
 
@@ -29,6 +30,8 @@ from .tunnel.service import check_seconds
 
 __all__ = ["Dialer"]
 
+log = logging.getLogger("pysmux.dialer")
+
 
 class Dialer:
     """Opens client connections to smux servers, secured as a tunnel client's are.
@@ -43,7 +46,8 @@ class Dialer:
 
     Bad arguments raise ``TypeError``/``ValueError`` here, as the tunnel's classes do; a
     server that cannot be reached, or refuses the handshake, raises ``OSError``
-    (:class:`~pysmux.tunnel.HandshakeError` for the handshake, saying why).
+    (:class:`~pysmux.tunnel.HandshakeError` for the handshake, saying why). A TLS
+    context that verifies nothing logs a warning.
     """
 
     def __init__(
@@ -62,6 +66,11 @@ class Dialer:
         self.config = config or Config()
         self.runtime = rt = get_runtime(runtime)
         self._guard = Guard.build(rt, tls, key, handshake_timeout, server_side=False)
+        if tls is not None and tls.verify_mode == ssl.CERT_NONE:
+            log.warning(
+                "TLS without verifying the server's certificate: anyone in the path can "
+                "pose as the server and read the traffic"
+            )
         self._server_hostname = server_hostname
         self.connect_timeout = check_seconds("connect_timeout", connect_timeout)
 

@@ -11,6 +11,7 @@ fixture of test_security.py.
 from __future__ import annotations
 
 import json
+import logging
 import signal
 from collections.abc import Callable
 from pathlib import Path
@@ -140,11 +141,14 @@ def test_attack_on_a_server_with_tls_and_a_key(
     assert server.wait() == 0, server.describe()
 
 
-def test_library_clients_reach_a_server_with_tls_and_a_key(runtime: str, pki: Pki) -> None:
+def test_library_clients_reach_a_server_with_tls_and_a_key(
+    runtime: str, pki: Pki, caplog: pytest.LogCaptureFixture
+) -> None:
     """As a library, on the test's runtime: ``RpcClient.connect``, ``run_load`` and
     ``run_attack`` take ``tls=``, ``key=`` (and ``server_hostname=``) as ``TunnelClient``
     does, and reach in-process servers that require both; a wrong key raises
-    ``HandshakeError`` before any call, and bad arguments are refused at once."""
+    ``HandshakeError`` before any call, bad arguments are refused at once, and a context
+    that verifies nothing is warned about."""
     cfg = Config(version=2)
     server_tls = server_tls_context(pki.server_cert, pki.server_key)
     client_tls = client_tls_context(pki.ca)
@@ -171,6 +175,10 @@ def test_library_clients_reach_a_server_with_tls_and_a_key(runtime: str, pki: Pk
         assert report.responsive, report.text()
         assert report.observed["closed_by_server"] == 3, report.text()
         assert rpc_server.refused == 1 and echo.refused == 0
+    insecure = client_tls_context(insecure=True)
+    with caplog.at_level(logging.WARNING, logger="pysmux.dialer"):
+        Dialer(tls=insecure)
+    assert "without verifying the server's certificate" in caplog.text
     with pytest.raises(TypeError, match=r"ssl\.SSLContext"):
         Dialer(tls="yes")  # type: ignore[arg-type]
     with pytest.raises(ValueError, match="client context"):
