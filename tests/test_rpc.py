@@ -225,6 +225,7 @@ def test_line_reader_lines_blank_lines_and_eof(streams) -> None:
     reader = LineReader(peer, max_line=64)
     st.sendall(b"\r\n  \nfirst\nsec")
     assert reader.readline(idle_timeout=5) == b"first"
+    assert (reader.pending, reader.lines_begun()) == (3, 1)  # "sec"
     st.sendall(b"ond\r\nlast without newline")
     assert reader.readline(idle_timeout=5) == b"second\r"
     st.shutdown(socket.SHUT_WR)
@@ -468,18 +469,25 @@ def test_drain_closes_idle_pooled_streams_and_answers_the_call_in_flight(holding
 
 def test_drain_answers_the_requests_received_and_nothing_new(holding) -> None:
     """A client pipelining on one stream: the requests the server had received when the
-    drain began are answered in order, then the stream ends; a request sent after that
-    gets no answer (the stream's end, not a hang)."""
+    drain began (the last of them only in part) are answered in order, then the stream
+    ends; requests sent after that get no answer (the stream's end, not a hang), even
+    when they come with the rest of a request the server must finish reading."""
     client_session, server, started, release = holding
     channel = RpcChannel(client_session.open_stream())
-    lines = [{"jsonrpc": "2.0", "method": "hold", "id": 1},
-             {"jsonrpc": "2.0", "method": "add", "params": [1, 2], "id": 2},
-             {"jsonrpc": "2.0", "method": "echo", "params": ["x"], "id": 3}]  # fmt: skip
-    channel.send_line(b"".join(json.dumps(line).encode() + b"\n" for line in lines))
-    assert started.wait(5)  # the server read all three: one frame, one read
+    lines = [json.dumps(line).encode() + b"\n" for line in (
+        {"jsonrpc": "2.0", "method": "hold", "id": 1},
+        {"jsonrpc": "2.0", "method": "add", "params": [1, 2], "id": 2},
+        {"jsonrpc": "2.0", "method": "echo", "params": ["x"], "id": 3},
+        {"jsonrpc": "2.0", "method": "add", "params": [5, 5], "id": 4},
+        {"jsonrpc": "2.0", "method": "add", "params": [6, 6], "id": 5},
+    )]  # fmt: skip
+    # One frame, read at once: the first two requests and half of the third.
+    channel.send_line(lines[0] + lines[1] + lines[2][:10])
+    assert started.wait(5)
     drained = spawn(server.drain, 30, name="drain")
     wait_until(lambda: server.draining, 5, "draining")
-    channel.send({"jsonrpc": "2.0", "method": "add", "params": [5, 5], "id": 4})
+    channel.send_line(lines[2][10:] + lines[3])  # the third's end comes with a new one
+    channel.send_line(lines[4])
     release.set()
     deadline = time.monotonic() + 10
     assert [channel.answer(i, deadline) for i in (1, 2, 3)] == ["done", 3, ["x"]]

@@ -121,6 +121,10 @@ class LineReader:
                 self._release()
                 return line
 
+    def lines_begun(self) -> int:
+        """Lines read, in whole or in part, and not yet returned (blank ones not counted)."""
+        return sum(1 for part in self._buf.split(b"\n") if part.strip())
+
     def fill(self, timeout: float | None = None) -> bool:
         """Wait up to ``timeout`` seconds for data (``TimeoutError`` then) unless some is
         buffered already; False at the stream's EOF with nothing buffered."""

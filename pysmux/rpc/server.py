@@ -162,8 +162,15 @@ class RpcServer(MuxServer):
         closed) propagate.
         """
         reader = LineReader(stream, self.max_line, self._budget)
+        left: int | None = None  # once draining: the requests received still to answer
         try:
             while True:
+                if left is None and self._answering_stopped:
+                    left = reader.lines_begun()
+                if left is not None:
+                    if not left:
+                        break  # draining: nothing new is answered
+                    left -= 1
                 try:
                     if not reader.pending:
                         waiting = self._wait_for_request(stream, reader)
