@@ -77,7 +77,7 @@ class HostileConn:
                 chunk = self.sock.recv(65536)
             except TimeoutError:  # send() sets a timeout on the shared socket
                 continue
-            except OSError as exc:
+            except (OSError, ValueError) as exc:  # ValueError: a TLS socket closed meanwhile
                 if not self._stopping:
                     self._ended(f"{type(exc).__name__}: {exc}")
                 return
