@@ -14,7 +14,7 @@ from collections.abc import Callable
 from typing import Any
 
 from ..dialer import Dialer
-from ..frame import CMD_FIN, CMD_NOP, CMD_PSH, CMD_SYN, encode_header
+from ..frame import CMD_NOP, CMD_PSH, CMD_SYN, encode_header
 from ..stream import INITIAL_PEER_WINDOW
 from ..tcp import Address
 from .hostile import HostileConn
@@ -27,9 +27,9 @@ _BATCH = 4096
 _FIRST_ID = 3
 #: How long an attack waits past its duration for answers still coming in (refusals,
 #: closes) from a server that is busy.
-_SETTLE_SECONDS = 2.0
-#: How long syn-flood waits past its duration for the server to end every stream it
-#: opened (a refused one ended long before; a held one once it has our FIN).
+_SETTLE_SECONDS = 4.0
+#: How long syn-flood waits past its duration for the server to refuse or answer
+#: every stream it opened.
 _FATE_GRACE = 30.0
 
 
@@ -136,12 +136,12 @@ def syn_flood(run: Run) -> None:
     never sending on them until the end. Expected: the excess refused with a FIN, the
     rest held until the connection ends; nothing else slowed down.
 
-    Then the fate of each stream the server has not ended yet is asked for: one byte and
-    our FIN on it. A stream the server holds answers (an echo server echoes the byte,
-    an RPC server answers it with a parse error) and ends; one it refuses ends with a FIN
-    and no data, however late the refusal comes. Counting goes on until every stream has
-    ended (at most 30 s): a busy server is waited for, not guessed at. A held stream
-    that ends without answering the byte counts as refused."""
+    Then the fate of each stream the server has not ended is asked for: a line with one
+    byte (``?``) on it. A stream the server holds answers it (an echo server echoes it,
+    an RPC server answers it with a parse error) and stays held; one it refuses ends with
+    a FIN and no data, however late the refusal comes. Counting goes on until every
+    stream has answered or ended (at most 30 s): a busy server is waited for, not guessed
+    at. A held stream that never answers the byte is reported as unanswered."""
     ids = range(_FIRST_ID, _FIRST_ID + 2 * run.settings.streams, 2)
     opened: list[tuple[HostileConn, int]] = []
     for conn in run.connect(1):
@@ -156,23 +156,24 @@ def syn_flood(run: Run) -> None:
     run.hold()
     until = time.monotonic() + _FATE_GRACE
     for conn, count in opened:
+        # Not a FIN: a held stream that ended would free its slot for a stream the
+        # server has not refused yet, and the count would no longer be the server's.
         asking = [i for i in ids[:count] if i not in conn.fins]
-        frames = (run.header(CMD_PSH, 1, i) + b"?" + run.header(CMD_FIN, 0, i) for i in asking)
-        batch = b"".join(frames)
+        batch = b"".join(run.header(CMD_PSH, 2, i) + b"?\n" for i in asking)
         if run.bytes_left() >= len(batch):
             conn.send(batch, until)
     while time.monotonic() < until and not all(
-        conn.closed or len(conn.fins) >= count for conn, count in opened
+        conn.closed or len(conn.fins | conn.data_streams) >= count for conn, count in opened
     ):
         run.nap(0.05)
     refused = sum(conn.refused() for conn, _ in opened)
     answered = sum(len(conn.data_streams) for conn, _ in opened)
-    open_ = sum(max(0, count - len(conn.fins)) for conn, count in opened)
+    silent = sum(max(0, count - len(conn.fins | conn.data_streams)) for conn, count in opened)
     closed = sum(conn.closed for conn, _ in opened)
     run.notes.append(
         f"{run.frames} SYNs sent on {len(opened)} connection(s); the server refused "
-        f"{refused} of them (ended with no data), answered {answered} once asked, left "
-        f"{open_} open, and closed {closed} connection(s)"
+        f"{refused} of them (ended with no data), held {answered} (they answered a byte), "
+        f"left {silent} unanswered, and closed {closed} connection(s)"
     )
 
 
