@@ -48,6 +48,7 @@ from .cli_options import (
 )
 from .cli_security import (
     CLIENT,
+    DIAL,
     SERVER,
     add_security_options,
     describe_security,
@@ -72,8 +73,10 @@ __all__ = ["add_smux_options", "build_parser", "config_from_args", "main"]
 log = logging.getLogger("pysmux.cli")
 
 #: Commands that run to completion, each in a module of its own with HELP,
-#: ``add_arguments(parser)`` and ``run(args, config)`` -> exit status.
+#: ``add_arguments(parser)`` and ``run(args, config, security)`` -> exit status.
 _TOOLS: dict[str, Any] = {"load": load_command, "attack": attack_command, "demo": demo_command}
+#: The tools that dial servers: they take the client's TLS and key flags.
+_DIALLING = ("load", "attack")
 
 
 def _add_address(
@@ -224,7 +227,10 @@ def _build_parsers() -> tuple[argparse.ArgumentParser, dict[str, argparse.Argume
     add_security_options(rpc, SERVER, positive_seconds)
 
     for name, tool in _TOOLS.items():
-        tool.add_arguments(_command(sub, name, tool.DESCRIPTION, config_file=False))
+        tool_parser = _command(sub, name, tool.DESCRIPTION, config_file=False)
+        tool.add_arguments(tool_parser)
+        if name in _DIALLING:
+            add_security_options(tool_parser, DIAL, positive_seconds)
     return parser, dict(sub.choices)
 
 
@@ -319,14 +325,16 @@ def main(argv: Sequence[str] | None = None) -> int:
             import gevent  # noqa: F401
         except ImportError:
             command.error("--runtime gevent needs gevent: pip install 'pysmux[gevent]'")
-    if args.command in _TOOLS:
-        status: int = _TOOLS[args.command].run(args, config)
-        return status
+    role = DIAL if args.command in _DIALLING else CLIENT if args.command == "client" else SERVER
     try:
-        security = security_from_args(args, CLIENT if args.command == "client" else SERVER)
-        service = _service(args, config, security)
+        security = security_from_args(args, role) if args.command != "demo" else {}
+        if args.command not in _TOOLS:
+            service = _service(args, config, security)
     except ValueError as exc:
         command.error(str(exc))
+    if args.command in _TOOLS:
+        status: int = _TOOLS[args.command].run(args, config, security)
+        return status
     # Before listening: a signal from now on is graceful.
     signals = ProcessSignals(args.runtime, functools.partial(log_stats, service.stats))
     metrics: MetricsServer | None = None

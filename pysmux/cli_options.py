@@ -4,14 +4,15 @@
 subcommand's parser; :func:`config_from_args` turns them into a
 :class:`~pysmux.Config`. ``address``, ``positive_int``, ``seconds`` and
 ``positive_seconds`` are ``type=`` callables for ``add_argument`` that reject
-a bad value with a message argparse shows next to the usage.
+a bad value with a message argparse shows next to the usage. A subcommand
+declares its own valued flags as a table of :class:`Flag` for :func:`add_flags`.
 """
 
 from __future__ import annotations
 
 import argparse
 import re
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from typing import Any, NamedTuple
 
 from .config import Config
@@ -20,6 +21,9 @@ from .tunnel.service import MAX_SECONDS
 
 __all__ = [
     "FLAG_OF_FIELD",
+    "Flag",
+    "add_flags",
+    "add_remote",
     "add_smux_options",
     "address",
     "config_from_args",
@@ -66,6 +70,48 @@ def positive_seconds(text: str) -> float:
     if value <= 0:
         raise argparse.ArgumentTypeError(f"{text} must be > 0")
     return value
+
+
+class Flag(NamedTuple):
+    """A flag that takes a value, as a row of a table for :func:`add_flags`.
+
+    ``default`` None shows no default: ``help`` then says what happens without it.
+    """
+
+    flag: str
+    parse: Callable[[str], Any]
+    default: Any
+    metavar: str
+    help: str
+
+
+def add_flags(parser: Any, flags: Iterable[Flag]) -> None:
+    """Add each of ``flags`` to ``parser`` (a parser or an argument group); a help text
+    ends with the default, as a user would type it."""
+    for f in flags:
+        parser.add_argument(
+            f.flag,
+            type=f.parse,
+            default=f.default,
+            metavar=f.metavar,
+            help=f.help if f.default is None else f"{f.help} (default: {_shown(f.default)})",
+        )
+
+
+def add_remote(parser: argparse.ArgumentParser, help: str, many: bool = False) -> None:
+    """``-r``/``--remote`` (kcptun's ``--remoteaddr`` too), required: the server a tool
+    dials, as ``args.remote``; ``many``: repeatable, a list of them."""
+    parser.add_argument(
+        "-r",
+        "--remote",
+        "--remoteaddr",
+        dest="remote",
+        action="append" if many else "store",
+        type=address,
+        required=True,
+        metavar="ADDR",
+        help=help,
+    )
 
 
 class _SmuxFlag(NamedTuple):
@@ -127,15 +173,15 @@ def add_smux_options(parser: argparse.ArgumentParser) -> None:
         default=Config.version,
         help="smux protocol version; both ends must agree (default: %(default)s)",
     )
-    for f in _SMUX_FLAGS:
-        default = _DEFAULTS.get(f.field, getattr(Config, f.field))
-        smux.add_argument(
-            f.flag,
-            type=f.parse,
-            default=default,
-            metavar=f.metavar,
-            help=f.help if default is None else f"{f.help} (default: {_shown(default)})",
-        )
+    add_flags(
+        smux,
+        (
+            Flag(
+                f.flag, f.parse, _DEFAULTS.get(f.field, getattr(Config, f.field)), f.metavar, f.help
+            )
+            for f in _SMUX_FLAGS
+        ),
+    )
     run = parser.add_argument_group("process")
     run.add_argument(
         "--runtime",

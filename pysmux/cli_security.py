@@ -7,6 +7,10 @@ server listening beyond loopback needs a key or TLS client certificates, and
 a client listening beyond loopback needs ``--allow``, unless ``--no-auth``
 says that is meant. A mistake raises ``ValueError`` with a message for the
 subcommand's ``error()`` (usage, status 2).
+
+Roles: ``server`` (mux connections in: server, echo, rpc), ``client`` (the
+tunnel's client: it dials and listens) and ``dial`` (the tools that only dial,
+load and attack: the client's TLS and key flags, nothing about a listener).
 """
 
 from __future__ import annotations
@@ -21,10 +25,17 @@ from typing import Any
 from .tunnel import SharedKey, client_tls_context, parse_address, server_tls_context
 from .tunnel.security import KEY_ENV, is_loopback
 
-__all__ = ["add_security_options", "describe_security", "security_from_args"]
+__all__ = [
+    "CLIENT",
+    "DIAL",
+    "SERVER",
+    "add_security_options",
+    "describe_security",
+    "security_from_args",
+]
 
-#: Roles: "server" (mux connections in: server, echo) or "client".
-SERVER, CLIENT = "server", "client"
+#: Roles: mux connections in; the tunnel's client; a tool that only dials.
+SERVER, CLIENT, DIAL = "server", "client", "dial"
 
 
 def _network(text: str) -> str:
@@ -41,7 +52,8 @@ def add_security_options(
     parser: argparse.ArgumentParser, role: str, seconds: Callable[[str], float]
 ) -> None:
     """The ``security`` flags of a subcommand that accepts mux connections (``role``
-    ``"server"``) or dials them (``"client"``); ``seconds`` parses a timeout flag."""
+    ``"server"``), dials them and listens (``"client"``) or only dials them
+    (``"dial"``); ``seconds`` parses a timeout flag."""
     group = parser.add_argument_group(
         "security",
         "TLS encrypts the mux connections; the key authenticates both ends (it does not "
@@ -82,6 +94,18 @@ def add_security_options(
         help=f"the shared key (visible to other local users: prefer --key-file or {KEY_ENV})",
     )
     group.add_argument("--key-file", metavar="FILE", help="read the shared key from FILE")
+    if role != DIAL:
+        _add_listener_options(group, role)
+    group.add_argument(
+        "--handshake-timeout",
+        type=seconds,
+        default=10.0,
+        metavar="SECONDS",
+        help="TLS and key handshakes must be done within this (default: 10)",
+    )
+
+
+def _add_listener_options(group: Any, role: str) -> None:
     listener = "mux connections" if role == SERVER else "TCP connections"
     group.add_argument(
         "--allow",
@@ -97,13 +121,6 @@ def add_security_options(
         + ("key or client certificates" if role == SERVER else "--allow")
         + " (anyone who reaches it can use it)",
     )
-    group.add_argument(
-        "--handshake-timeout",
-        type=seconds,
-        default=10.0,
-        metavar="SECONDS",
-        help="TLS and key handshakes must be done within this (default: 10)",
-    )
 
 
 def security_from_args(args: argparse.Namespace, role: str) -> dict[str, Any]:
@@ -114,7 +131,8 @@ def security_from_args(args: argparse.Namespace, role: str) -> dict[str, Any]:
     """
     key = _key(args)
     kwargs: dict[str, Any] = {"handshake_timeout": args.handshake_timeout, "key": key}
-    allow = args.allow or getattr(args, "config_allow", None)  # --allow replaces -c's list
+    # --allow replaces -c's list; a tool that only dials has neither.
+    allow = getattr(args, "allow", None) or getattr(args, "config_allow", None)
     if allow:
         kwargs["allow"] = allow
     if args.tls_key and not args.tls_cert:
@@ -130,7 +148,9 @@ def security_from_args(args: argparse.Namespace, role: str) -> dict[str, Any]:
                 kwargs["server_hostname"] = args.tls_server_name
     except OSError as exc:  # ssl.SSLError included: a file that is not PEM, a key that does not fit
         raise ValueError(f"TLS files: {exc}") from None
-    _check_open(args, role, key is not None or bool(getattr(args, "tls_client_ca", None)), allow)
+    if role != DIAL:
+        authenticated = key is not None or bool(getattr(args, "tls_client_ca", None))
+        _check_open(args, role, authenticated, allow)
     return kwargs
 
 

@@ -1,7 +1,8 @@
 """``pysmux demo``: everything pysmux does, in one process, checked byte for byte.
 
 On loopback it starts a TCP echo service, a tunnel server in front of it, a
-tunnel client in front of that (two mux connections) and a JSON-RPC server;
+tunnel client in front of that (two mux connections) and a JSON-RPC server,
+every mux connection authenticated by a shared key made up for the run;
 then it pushes a few hundred TCP connections through the tunnel (each sends
 random bytes, half-closes and must get exactly those bytes back) and a few
 thousand JSON-RPC calls from several tasks at once (each ``add`` must come out
@@ -22,19 +23,20 @@ import functools
 import hashlib
 import logging
 import random
+import secrets
 import socket
 import threading
 import time
 from collections.abc import Callable
 from typing import Any
 
-from .cli_options import positive_int
+from .cli_options import Flag, add_flags, positive_int
 from .config import Config
 from .loadstats import LatencyHistogram, ProgressLine, format_bytes
 from .rpc import RpcClient, RpcServer, register_builtins
 from .runtime import Runtime, Task, get_runtime
 from .tcp import Address, dial, listen
-from .tunnel import TunnelClient, TunnelServer
+from .tunnel import SharedKey, TunnelClient, TunnelServer
 
 __all__ = ["DESCRIPTION", "HELP", "DemoResult", "add_arguments", "run", "run_demo"]
 
@@ -233,6 +235,8 @@ def run_demo(
     demo's tasks as work completes (keep it quick)."""
     rt = get_runtime(runtime)
     config = config or Config()
+    # Both ends prove they hold it before smux starts, as a deployment would.
+    key = SharedKey(secrets.token_bytes(32))
     result = DemoResult(connections, calls)
     demo = _Demo(result, rt, size, seed)
     echo = _TcpEcho(rt)
@@ -250,13 +254,15 @@ def run_demo(
         return run_and_report
 
     try:
-        tserver = TunnelServer("127.0.0.1:0", echo.address, config=config, runtime=rt)
+        tserver = TunnelServer("127.0.0.1:0", echo.address, config=config, runtime=rt, key=key)
         opened.append(tserver)
         tserver.start()
-        tclient = TunnelClient("127.0.0.1:0", tserver.address, conn=2, config=config, runtime=rt)
+        tclient = TunnelClient(
+            "127.0.0.1:0", tserver.address, conn=2, config=config, runtime=rt, key=key
+        )
         opened.append(tclient)
         tclient.start()
-        rpc_server = register_builtins(RpcServer("127.0.0.1:0", config=config, runtime=rt))
+        rpc_server = register_builtins(RpcServer("127.0.0.1:0", config=config, runtime=rt, key=key))
         opened.append(rpc_server)
         rpc_server.start()
         if not tclient.wait_connected(timeout=_TIMEOUT):
@@ -268,7 +274,7 @@ def run_demo(
         _fan_out(rt, connections, concurrency, step(job))
         result.conn_seconds = time.perf_counter() - began
 
-        with RpcClient.connect(rpc_server.address, config=config, runtime=rt) as rpc:
+        with RpcClient.connect(rpc_server.address, config=config, runtime=rt, key=key) as rpc:
             began = time.perf_counter()
             _fan_out(rt, calls, 16, step(functools.partial(demo.call, rpc)))
             result.call_seconds = time.perf_counter() - began
@@ -278,27 +284,20 @@ def run_demo(
     return result
 
 
+_FLAGS = (
+    Flag("--connections", positive_int, 300, "N", "TCP connections through the tunnel"),
+    Flag("--calls", positive_int, 3000, "K", "JSON-RPC calls"),
+    Flag("--size", positive_int, 32768, "BYTES",
+         "largest payload of a connection; each sends between half that and that"),
+    Flag("--concurrency", positive_int, 32, "C", "connections in flight at once"),
+)  # fmt: skip
+
+
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument(
-        "--connections", type=positive_int, default=300, metavar="N",
-        help="TCP connections through the tunnel (default: 300)",
-    )  # fmt: skip
-    parser.add_argument(
-        "--calls", type=positive_int, default=3000, metavar="K",
-        help="JSON-RPC calls (default: 3000)",
-    )  # fmt: skip
-    parser.add_argument(
-        "--size", type=positive_int, default=32768, metavar="BYTES",
-        help="largest payload of a connection; each sends between half that and that "
-        "(default: 32768)",
-    )  # fmt: skip
-    parser.add_argument(
-        "--concurrency", type=positive_int, default=32, metavar="C",
-        help="connections in flight at once (default: 32)",
-    )  # fmt: skip
+    add_flags(parser, _FLAGS)
 
 
-def run(args: argparse.Namespace, config: Config) -> int:
+def run(args: argparse.Namespace, config: Config, security: dict[str, Any]) -> int:
     """``pysmux demo``: 0 when everything was verified, else 1."""
     line = ProgressLine()
     total = args.connections + args.calls
@@ -321,7 +320,11 @@ def run(args: argparse.Namespace, config: Config) -> int:
             drawing.release()
 
     runtime = "greenlets" if args.runtime == "gevent" else "threads"
-    print(f"pysmux demo: smux v{config.version} on {runtime}, loopback", flush=True)
+    print(
+        f"pysmux demo: smux v{config.version} on {runtime}, loopback, a shared key on every "
+        "mux connection",
+        flush=True,
+    )
     began = time.perf_counter()
     logger = logging.getLogger("pysmux")
     level = logger.level

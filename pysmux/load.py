@@ -13,6 +13,11 @@ rpc`` server). Every answer is checked; a wrong one, a timeout or a lost
 stream counts as an error. The summary: requests, errors, requests per second,
 latency p50/p99/max, bytes each way.
 
+Servers that require a shared key or TLS are reached as the tunnel's client
+reaches them (``key=``, ``tls=``, ``server_hostname=``, ``handshake_timeout=``;
+the ``--key``/``--key-file``/``--tls*`` flags of ``pysmux client``): the
+handshakes are done once per mux connection, before the run's clock starts.
+
 As a library: ``LoadGenerator(targets, ...).run()`` or :func:`run_load`, which
 return a :class:`LoadSummary`.
 """
@@ -27,20 +32,21 @@ import itertools
 import json
 import random
 import socket
+import ssl
 import time
 from collections.abc import Callable, Sequence
 from typing import Any
 
-from .cli_options import address, positive_int, positive_seconds
+from .cli_options import Flag, add_flags, add_remote, positive_int, positive_seconds
 from .config import Config
+from .dialer import Dialer
 from .loadstats import LatencyHistogram, ProgressLine, format_bytes
 from .rpc.client import RpcChannel
-from .runtime import Runtime, get_runtime
+from .runtime import Runtime
 from .session import Session
-from .session import client as mux_client
 from .stream import Stream
-from .tcp import Address, as_address, dial
-from .tunnel import format_address
+from .tcp import Address, as_address
+from .tunnel import SharedKey, format_address
 
 __all__ = ["MODES", "LoadGenerator", "LoadSummary", "add_arguments", "run", "run_load"]
 
@@ -113,11 +119,13 @@ class _Tally:
         self.kinds: dict[str, int] = {}
         self.examples: dict[str, str] = {}
 
-    def fail(self, exc: BaseException) -> None:
+    def fail(self, exc: BaseException, message: str | None = None) -> None:
+        """Count ``exc`` by its type; the first of a type is kept as an example (its
+        ``message``, if given, else what it says)."""
         self.errors += 1
         kind = type(exc).__name__
         self.kinds[kind] = self.kinds.get(kind, 0) + 1
-        self.examples.setdefault(kind, str(exc)[:200])
+        self.examples.setdefault(kind, (message or str(exc))[:200])
 
 
 class LoadGenerator:
@@ -126,6 +134,8 @@ class LoadGenerator:
     ``targets`` are ``"host:port"`` strings or tuples; ``conns`` mux connections go
     to each. ``duration`` (seconds) or ``requests`` (in all) ends the run; with
     neither it runs until :meth:`stop`. ``timeout`` bounds each request.
+    ``tls``, ``key``, ``server_hostname`` and ``handshake_timeout`` reach servers
+    that require them, as for :class:`~pysmux.tunnel.TunnelClient`.
     """
 
     def __init__(
@@ -142,6 +152,10 @@ class LoadGenerator:
         runtime: str | Runtime | None = None,
         timeout: float = 10.0,
         connect_timeout: float = 10.0,
+        tls: ssl.SSLContext | None = None,
+        key: SharedKey | bytes | str | None = None,
+        server_hostname: str | None = None,
+        handshake_timeout: float = 10.0,
     ) -> None:
         if mode not in MODES:
             raise ValueError(f"mode={mode!r}: expected one of {', '.join(MODES)}")
@@ -161,10 +175,18 @@ class LoadGenerator:
         self.duration = duration
         self.requests = requests
         self.size = size
-        self.config = config or Config()
         self.timeout = timeout
-        self.connect_timeout = connect_timeout
-        self._rt = rt = get_runtime(runtime)
+        self._dialer = Dialer(
+            config=config,
+            runtime=runtime,
+            tls=tls,
+            key=key,
+            server_hostname=server_hostname,
+            handshake_timeout=handshake_timeout,
+            connect_timeout=connect_timeout,
+        )
+        self.config = self._dialer.config
+        self._rt = rt = self._dialer.runtime
         self._lock = rt.lock()
         self._cond = rt.condition(self._lock)
         self._issued = itertools.count()
@@ -192,27 +214,26 @@ class LoadGenerator:
         rt = self._rt
         setup = _Tally()
         self._tallies.append(setup)
-        sessions: list[Session] = []
+        sessions: list[tuple[Session, Address]] = []
         try:
             for target in self.targets:
                 for _ in range(self.conns):
                     try:
-                        sock = dial(rt, target, self.connect_timeout)
-                    except OSError as exc:
-                        setup.fail(OSError(exc.errno, f"connect {format_address(target)}: {exc}"))
-                        continue
-                    sessions.append(mux_client(sock, config=self.config, runtime=rt))
+                        sessions.append((self._dialer.session(target), target))
+                    except OSError as exc:  # refused, or the TLS or key handshake failed
+                        setup.fail(exc, f"connect {format_address(target)}: {exc}")
             began = rt.monotonic()
             if self.duration is not None:
                 self._deadline = began + self.duration
             tasks = []
-            for k, session in enumerate(sessions):
+            for k, (session, target) in enumerate(sessions):
                 for j in range(self.streams):
                     tally = _Tally()
                     self._tallies.append(tally)
                     with self._lock:
                         self._running += 1
-                    work = functools.partial(self._work, session, tally, k * self.streams + j)
+                    seed = k * self.streams + j
+                    work = functools.partial(self._work, session, target, tally, seed)
                     tasks.append(rt.spawn(work, f"pysmux-load-{k}-{j}"))
             try:
                 self._wait_running(on_progress, began, every)
@@ -223,7 +244,7 @@ class LoadGenerator:
             for task in tasks:
                 task.join()
         finally:
-            for session in sessions:
+            for session, _ in sessions:
                 session.close()
         return self._summary(elapsed, len(sessions))
 
@@ -276,7 +297,7 @@ class LoadGenerator:
             return False
         return self.requests is None or next(self._issued) < self.requests
 
-    def _work(self, session: Session, tally: _Tally, seed: int) -> None:
+    def _work(self, session: Session, target: Address, tally: _Tally, seed: int) -> None:
         echo = self.mode == "echo"
         payload = bytearray(random.Random(seed).randbytes(self.size))
         text = payload.hex()[: self.size]
@@ -301,7 +322,7 @@ class LoadGenerator:
                         tally.sent += self.size
                         tally.received += self.size
                 except (OSError, _WrongAnswer) as exc:
-                    tally.fail(exc)
+                    tally.fail(exc, Dialer.misconfigured(session, target))
                     if channel is not None:
                         self._end(channel, tally, clean=False)
                         channel = None
@@ -368,71 +389,39 @@ DESCRIPTION = (
 )
 
 
+#: The load's shape and its timeouts.
+_FLAGS = (
+    Flag("--conns", positive_int, 1, "N", "mux connections to each server"),
+    Flag("--streams", positive_int, 1, "M", "concurrent streams on each connection"),
+    Flag("--size", positive_int, 64, "BYTES",
+         "request size: echo bytes, or characters of the echo call's string"),
+    Flag("--timeout", positive_seconds, 10.0, "SECONDS",
+         "a request not answered within this counts as an error"),
+    Flag("--connect-timeout", positive_seconds, 10.0, "SECONDS", "for each mux connection"),
+)  # fmt: skip
+#: What ends the run: one or the other.
+_END_FLAGS = (
+    Flag("--duration", positive_seconds, None, "SECONDS",
+         "run this long (the default, 5 s, when --requests is not given)"),
+    Flag("--requests", positive_int, None, "K", "stop after K requests in all"),
+)  # fmt: skip
+
+
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument(
-        "-r",
-        "--remote",
-        "--remoteaddr",
-        dest="remote",
-        action="append",
-        type=address,
-        required=True,
-        metavar="ADDR",
-        help="a server, HOST:PORT; repeat for several (each gets --conns connections)",
+    add_remote(
+        parser, "a server, HOST:PORT; repeat for several (each gets --conns connections)", True
     )
     parser.add_argument("--mode", choices=MODES, default="echo", help="(default: echo)")
-    parser.add_argument(
-        "--conns",
-        type=positive_int,
-        default=1,
-        metavar="N",
-        help="mux connections to each server (default: 1)",
-    )
-    parser.add_argument(
-        "--streams",
-        type=positive_int,
-        default=1,
-        metavar="M",
-        help="concurrent streams on each connection (default: 1)",
-    )
-    end = parser.add_mutually_exclusive_group()
-    end.add_argument(
-        "--duration",
-        type=positive_seconds,
-        metavar="SECONDS",
-        help="run this long (the default, 5 s, when --requests is not given)",
-    )
-    end.add_argument(
-        "--requests", type=positive_int, metavar="K", help="stop after K requests in all"
-    )
-    parser.add_argument(
-        "--size",
-        type=positive_int,
-        default=64,
-        metavar="BYTES",
-        help="request size: echo bytes, or characters of the echo call's string (default: 64)",
-    )
-    parser.add_argument(
-        "--timeout",
-        type=positive_seconds,
-        default=10.0,
-        metavar="SECONDS",
-        help="a request not answered within this counts as an error (default: 10)",
-    )
-    parser.add_argument(
-        "--connect-timeout",
-        type=positive_seconds,
-        default=10.0,
-        metavar="SECONDS",
-        help="for each mux connection (default: 10)",
-    )
+    add_flags(parser.add_mutually_exclusive_group(), _END_FLAGS)
+    add_flags(parser, _FLAGS)
     parser.add_argument(
         "--json", action="store_true", help="print the summary as one JSON object instead"
     )
 
 
-def run(args: argparse.Namespace, config: Config) -> int:
-    """``pysmux load``: the exit status (1 when any request failed)."""
+def run(args: argparse.Namespace, config: Config, security: dict[str, Any]) -> int:
+    """``pysmux load``: the exit status (1 when any request failed). ``security``: the
+    keyword arguments of the TLS and key flags."""
     duration = args.duration if args.duration is not None or args.requests else 5.0
     generator = LoadGenerator(
         args.remote,
@@ -446,6 +435,7 @@ def run(args: argparse.Namespace, config: Config) -> int:
         runtime=args.runtime,
         timeout=args.timeout,
         connect_timeout=args.connect_timeout,
+        **security,
     )
     line = ProgressLine()
     last = [0.0, 0]

@@ -70,7 +70,7 @@ def test_load_and_demo_draw_progress_on_a_terminal(
             duration=0.6, requests=None, size=32, runtime=runtime, timeout=5.0,
             connect_timeout=5.0, json=True,
         )  # fmt: skip
-        assert load.run(args, Config()) == 0
+        assert load.run(args, Config(), {}) == 0
     assert "requests" in tty.getvalue() and "errors" in tty.getvalue(), tty.getvalue()
     assert tty.getvalue().endswith("\r\x1b[K")  # cleared before the summary
     assert capsys.readouterr().out.count("\n") == 1  # --json: one line
@@ -78,7 +78,7 @@ def test_load_and_demo_draw_progress_on_a_terminal(
     tty.truncate()
     args = argparse.Namespace(connections=20, calls=40, size=2000, concurrency=4,
                               runtime=runtime, verbose=0)  # fmt: skip
-    assert demo.run(args, Config()) == 0
+    assert demo.run(args, Config(), {}) == 0
     bar = r"\[[#.]{30}\] connections \d+/20  RPC calls \d+/40"
     assert re.search(bar, tty.getvalue()), tty.getvalue()
     assert "all 20 connections verified" in capsys.readouterr().out

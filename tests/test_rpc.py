@@ -29,7 +29,7 @@ from pysmux.rpc import (
 from pysmux.rpc.lines import ByteBudget, LineReader, LineTooLong, OverBudget
 from pysmux.rpc.protocol import check_response
 from pysmux.runtime import get_runtime
-from tests.util import Queue, recv_to_eof, spawn, wait_until
+from tests.util import Event, Queue, recv_to_eof, spawn, wait_until
 
 PURE = pytest.mark.runtime_independent(reason="pure functions, no I/O")
 
@@ -225,6 +225,7 @@ def test_line_reader_lines_blank_lines_and_eof(streams) -> None:
     reader = LineReader(peer, max_line=64)
     st.sendall(b"\r\n  \nfirst\nsec")
     assert reader.readline(idle_timeout=5) == b"first"
+    assert (reader.pending, reader.lines_begun()) == (3, 1)  # "sec"
     st.sendall(b"ond\r\nlast without newline")
     assert reader.readline(idle_timeout=5) == b"second\r"
     st.shutdown(socket.SHUT_WR)
@@ -413,3 +414,84 @@ def test_server_close_ends_sleeping_calls_promptly(pair, runtime: str) -> None:
     assert time.monotonic() - began < 3
     assert isinstance(results.get(timeout=1), OSError)
     client.close()
+
+
+# ---------------------------------------------------------------------------
+# draining
+
+
+@pytest.fixture
+def holding(pair, runtime: str):
+    """(client session, server, started, release): a server with a method ``hold`` that
+    returns "done" once the test sets ``release`` (``started`` is set when it begins)."""
+    client_session, server_session = pair()
+    server = register_builtins(RpcServer(runtime=runtime))  # idle_timeout: 300 s
+    started, release = Event(), Event()
+
+    def hold() -> str:
+        started.set()
+        assert release.wait(20), "the test never released the call"
+        return "done"
+
+    server.register("hold", hold)
+    serving = spawn(server.serve_session, server_session, name="serve-session")
+    yield client_session, server, started, release
+    release.set()
+    server.close()
+    serving.result(10)
+
+
+def test_drain_closes_idle_pooled_streams_and_answers_the_call_in_flight(holding) -> None:
+    """A draining server (SIGTERM, ``drain()``) does not wait for the idle streams of
+    clients' pools (they would hold it for the whole drain timeout): it closes them at
+    once, the call in flight still gets its answer, and the drain ends as soon as that
+    call is answered. The idle client's next call then fails at once."""
+    client_session, server, started, release = holding
+    idle = RpcClient(client_session, timeout=10)
+    assert idle.call("add", [1, 2]) == 3  # its stream stays pooled, idle on the server
+    busy = RpcClient(client_session, timeout=20)
+    call = spawn(busy.call, "hold", name="call-in-flight")
+    assert started.wait(5)
+    wait_until(lambda: server.streams == 2, 5, "two streams served")
+    drained = spawn(server.drain, 30, name="drain")
+    wait_until(lambda: server.streams == 1, 5, "the idle stream closed at once")
+    assert server.draining and not server.closed  # the call in flight holds the drain
+    began = time.monotonic()
+    release.set()
+    assert call.result(10) == "done"
+    assert drained.result(10) is True
+    assert time.monotonic() - began < 3, "the drain waited past the last answer"
+    with pytest.raises(OSError):
+        idle.call("add", [1, 2])
+    idle.close()
+    busy.close()
+
+
+def test_drain_answers_the_requests_received_and_nothing_new(holding) -> None:
+    """A client pipelining on one stream: the requests the server had received when the
+    drain began (the last of them only in part) are answered in order, then the stream
+    ends; requests sent after that get no answer (the stream's end, not a hang), even
+    when they come with the rest of a request the server must finish reading."""
+    client_session, server, started, release = holding
+    channel = RpcChannel(client_session.open_stream())
+    lines = [json.dumps(line).encode() + b"\n" for line in (
+        {"jsonrpc": "2.0", "method": "hold", "id": 1},
+        {"jsonrpc": "2.0", "method": "add", "params": [1, 2], "id": 2},
+        {"jsonrpc": "2.0", "method": "echo", "params": ["x"], "id": 3},
+        {"jsonrpc": "2.0", "method": "add", "params": [5, 5], "id": 4},
+        {"jsonrpc": "2.0", "method": "add", "params": [6, 6], "id": 5},
+    )]  # fmt: skip
+    # One frame, read at once: the first two requests and half of the third.
+    channel.send_line(lines[0] + lines[1] + lines[2][:10])
+    assert started.wait(5)
+    drained = spawn(server.drain, 30, name="drain")
+    wait_until(lambda: server.draining, 5, "draining")
+    channel.send_line(lines[2][10:] + lines[3])  # the third's end comes with a new one
+    channel.send_line(lines[4])
+    release.set()
+    deadline = time.monotonic() + 10
+    assert [channel.answer(i, deadline) for i in (1, 2, 3)] == ["done", 3, ["x"]]
+    with pytest.raises(RpcProtocolError, match="without answering"):
+        channel.receive(deadline)
+    assert drained.result(10) is True
+    channel.close()

@@ -69,7 +69,7 @@ def test_demo_reports_a_mismatch(
     flipped.clear()
     args = argparse.Namespace(connections=10, calls=10, size=1000, concurrency=2,
                               runtime=runtime, verbose=0)  # fmt: skip
-    assert demo.run(args, Config()) == 1
+    assert demo.run(args, Config(), {}) == 1
     out = capsys.readouterr().out
     assert "FAILED connection" in out and "9 of 10 connections" in out and "MISMATCH" in out
     assert "all 10 connections verified" not in out

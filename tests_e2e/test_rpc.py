@@ -292,6 +292,28 @@ def test_server_killed_mid_call(runtime: str, net: Net, cli: Callable[..., Cli])
     rpc.close()
 
 
+def test_sigterm_with_idle_pooled_clients_exits_at_once(
+    runtime: str, net: Net, cli: Callable[..., Cli]
+) -> None:
+    """An operator stops ``pysmux rpc`` (SIGTERM) while clients keep idle streams in their
+    pools: the server closes them and exits 0 at once instead of waiting out
+    ``--drain-timeout`` (30 s here); each client's next call fails at once, none hangs."""
+    version = version_for(runtime, flip=True)
+    server = start_rpc(cli, runtime, version, "--drain-timeout", "30")
+    address = server.address()
+    clients = [RpcClient(net.client(net.connect(address), version=version), timeout=20)
+               for _ in range(3)]  # fmt: skip
+    for i, rpc in enumerate(clients):
+        assert rpc.call("add", [i, 1]) == i + 1
+    server.assert_clean_exit(within=5)
+    for rpc in clients:
+        began = time.monotonic()
+        with pytest.raises(OSError):
+            rpc.call("add", [1, 1])
+        assert time.monotonic() - began < 2
+        rpc.close()
+
+
 def test_rpc_command_has_the_security_and_production_flags_of_echo(
     runtime: str, net: Net, cli: Callable[..., Cli], tmp_path: Path
 ) -> None:

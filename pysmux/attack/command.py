@@ -4,8 +4,15 @@ from __future__ import annotations
 
 import argparse
 import json
+from typing import Any
 
-from ..cli_options import address, positive_int, positive_seconds
+from ..cli_options import (
+    Flag,
+    add_flags,
+    add_remote,
+    positive_int,
+    positive_seconds,
+)
 from ..config import Config
 from .kinds import KINDS, AttackSettings
 from .probe import PROBES
@@ -36,52 +43,39 @@ def _kinds(text: str) -> list[str]:
     return names
 
 
+#: The attack's bounds and the probe's pace.
+_FLAGS = (
+    Flag("--duration", positive_seconds, 3.0, "SECONDS", "how long each attack lasts at the most"),
+    Flag("--conns", positive_int, None, "N", "hostile connections (default: 50 for slowloris, "
+         "3 for garbage-version, 2 for huge-length, 1 otherwise)"),
+    Flag("--streams", positive_int, 5000, "N", "SYNs per connection of syn-flood"),
+    Flag("--max-bytes", positive_int, 64 << 20, "BYTES", "bytes each attack writes at the most"),
+    Flag("--probe-interval", positive_seconds, 0.05, "SECONDS", "pause between probe requests"),
+    Flag("--probe-timeout", positive_seconds, 5.0, "SECONDS",
+         "a probe request slower than this failed"),
+)  # fmt: skip
+
+
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument(
-        "-r", "--remote", "--remoteaddr", dest="remote", type=address, required=True,
-        metavar="ADDR", help="the server to attack, HOST:PORT (one you own)",
-    )  # fmt: skip
+    add_remote(parser, "the server to attack, HOST:PORT (one you own)")
     parser.add_argument(
         "--kind", type=_kinds, required=True, metavar="KIND[,KIND...]|all",
         help=f"what to do: {', '.join(KINDS)}, or all of them one after the other",
     )  # fmt: skip
-    parser.add_argument(
-        "--duration", type=positive_seconds, default=3.0, metavar="SECONDS",
-        help="how long each attack lasts at the most (default: 3)",
-    )  # fmt: skip
-    parser.add_argument(
-        "--conns", type=positive_int, default=None, metavar="N",
-        help="hostile connections (default: 50 for slowloris, 3 for garbage-version, "
-        "2 for huge-length, 1 otherwise)",
-    )  # fmt: skip
-    parser.add_argument(
-        "--streams", type=positive_int, default=5000, metavar="N",
-        help="SYNs per connection of syn-flood (default: 5000)",
-    )  # fmt: skip
-    parser.add_argument(
-        "--max-bytes", type=positive_int, default=64 << 20, metavar="BYTES",
-        help="bytes each attack writes at the most (default: 67108864)",
-    )  # fmt: skip
+    add_flags(parser, _FLAGS)
     parser.add_argument(
         "--probe", choices=PROBES, default="echo",
         help="the legitimate requests made meanwhile: echo (pysmux echo, or a tunnel to "
         "an echo service), rpc (pysmux rpc), none (default: echo)",
     )  # fmt: skip
     parser.add_argument(
-        "--probe-interval", type=positive_seconds, default=0.05, metavar="SECONDS",
-        help="pause between probe requests (default: 0.05)",
-    )  # fmt: skip
-    parser.add_argument(
-        "--probe-timeout", type=positive_seconds, default=5.0, metavar="SECONDS",
-        help="a probe request slower than this failed (default: 5)",
-    )  # fmt: skip
-    parser.add_argument(
         "--json", action="store_true", help="print one JSON object (all reports) instead"
     )
 
 
-def run(args: argparse.Namespace, config: Config) -> int:
-    """``pysmux attack``: 0 when the server stayed responsive through every attack."""
+def run(args: argparse.Namespace, config: Config, security: dict[str, Any]) -> int:
+    """``pysmux attack``: 0 when the server stayed responsive through every attack.
+    ``security``: the keyword arguments of the TLS and key flags."""
     settings = AttackSettings(
         duration=args.duration,
         conns=args.conns,
@@ -101,6 +95,7 @@ def run(args: argparse.Namespace, config: Config) -> int:
             runtime=args.runtime,
             probe_interval=args.probe_interval,
             probe_timeout=args.probe_timeout,
+            **security,
         )
         reports.append(report)
         if not args.json:

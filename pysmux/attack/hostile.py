@@ -1,7 +1,8 @@
 """A hostile peer's connection: frames written by hand, and a record of what the
 server does about them.
 
-A :class:`HostileConn` is a raw TCP connection to an smux server. The attack
+A :class:`HostileConn` is a raw connection to an smux server (TCP, or TLS, after
+the key handshake when the server requires one: the attack is on smux). The attack
 writes bytes of its choosing (:meth:`send` never blocks past a deadline, so a
 server that stops reading cannot hang the attack); a reader task parses the
 frames the server sends back (FINs, data, window updates) and notes when and
@@ -15,9 +16,9 @@ import socket
 import time
 from typing import Any
 
+from ..dialer import Dialer
 from ..frame import CMD_FIN, CMD_PSH, CMD_UPD, HEADER, HEADER_SIZE, UPD
-from ..runtime import Runtime
-from ..tcp import Address, dial
+from ..tcp import Address
 
 __all__ = ["HostileConn"]
 
@@ -28,9 +29,8 @@ _SEND_SLICE = 0.2
 class HostileConn:
     """A raw connection to ``address``; ``closed_at`` is set once the server ends it."""
 
-    def __init__(self, rt: Runtime, address: Address, connect_timeout: float) -> None:
-        self._rt = rt
-        self.sock = dial(rt, address, connect_timeout)
+    def __init__(self, dialer: Dialer, address: Address) -> None:
+        self.sock = dialer.transport(address)
         self.opened_at = time.monotonic()
         self.sent = 0  # bytes written
         self.closed_at: float | None = None  # when the server ended the connection
@@ -41,7 +41,7 @@ class HostileConn:
         self.consumed: dict[int, int] = {}  # v2: the server's latest UPD per stream
         self.windows: dict[int, int] = {}
         self._stopping = False
-        self._reader = rt.spawn(self._read, "pysmux-attack-reader")
+        self._reader = dialer.runtime.spawn(self._read, "pysmux-attack-reader")
 
     @property
     def closed(self) -> bool:
@@ -77,7 +77,7 @@ class HostileConn:
                 chunk = self.sock.recv(65536)
             except TimeoutError:  # send() sets a timeout on the shared socket
                 continue
-            except OSError as exc:
+            except (OSError, ValueError) as exc:  # ValueError: a TLS socket closed meanwhile
                 if not self._stopping:
                     self._ended(f"{type(exc).__name__}: {exc}")
                 return
@@ -122,12 +122,12 @@ class HostileConn:
         self.sock.close()
 
     @staticmethod
-    def open_many(rt: Runtime, address: Address, count: int, timeout: float) -> list[Any]:
+    def open_many(dialer: Dialer, address: Address, count: int) -> list[Any]:
         """``count`` connections; fewer if the server refuses some (it is allowed to)."""
         conns = []
         for _ in range(count):
             try:
-                conns.append(HostileConn(rt, address, timeout))
+                conns.append(HostileConn(dialer, address))
             except OSError:
                 break
         return conns

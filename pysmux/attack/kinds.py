@@ -13,8 +13,8 @@ import time
 from collections.abc import Callable
 from typing import Any
 
+from ..dialer import Dialer
 from ..frame import CMD_NOP, CMD_PSH, CMD_SYN, encode_header
-from ..runtime import Runtime
 from ..stream import INITIAL_PEER_WINDOW
 from ..tcp import Address
 from .hostile import HostileConn
@@ -27,10 +27,10 @@ _BATCH = 4096
 _FIRST_ID = 3
 #: How long an attack waits past its duration for answers still coming in (refusals,
 #: closes) from a server that is busy.
-_SETTLE_SECONDS = 2.0
-#: How long syn-flood waits past its duration for the first refusal, and then for
-#: more, while they keep coming (half a second without one ends it).
-_REFUSAL_GRACE = 10.0
+_SETTLE_SECONDS = 4.0
+#: How long syn-flood waits past its duration for the server to refuse or answer
+#: every stream it opened.
+_FATE_GRACE = 30.0
 
 
 @dataclasses.dataclass(frozen=True)
@@ -59,8 +59,8 @@ class AttackSettings:
 class Run:
     """One attack under way: its connections, its clock and its byte budget."""
 
-    def __init__(self, rt: Runtime, address: Address, settings: AttackSettings) -> None:
-        self.rt = rt
+    def __init__(self, dialer: Dialer, address: Address, settings: AttackSettings) -> None:
+        self.dialer = dialer
         self.address = address
         self.settings = settings
         self.began = time.monotonic()
@@ -68,11 +68,12 @@ class Run:
         self.conns: list[HostileConn] = []
         self.frames = 0
         self.notes: list[str] = []
+        rt = dialer.runtime
         self._nap_cond = rt.condition(rt.lock())
 
     def connect(self, default: int) -> list[HostileConn]:
         count = self.settings.conns or default
-        new = HostileConn.open_many(self.rt, self.address, count, self.settings.connect_timeout)
+        new = HostileConn.open_many(self.dialer, self.address, count)
         if len(new) < count:
             self.notes.append(f"only {len(new)} of {count} connections could be opened")
         self.conns += new
@@ -120,6 +121,7 @@ class Run:
             # the longest a connection lived before the server closed it
             "slowest_close_s": round(max(lives), 3) if lives else None,
             "refused_streams": sum(c.refused() for c in self.conns),
+            "streams_ended": sum(len(c.fins) for c in self.conns),  # refused ones included
             "server_data_bytes": sum(c.data_bytes for c in self.conns),
             "notes": self.notes,
         }
@@ -131,30 +133,47 @@ class Run:
 
 def syn_flood(run: Run) -> None:
     """Open streams (SYNs) far past the server's accept backlog and stream limits,
-    never sending on them. Expected: the excess refused with a FIN, the rest held
-    until the connection ends; nothing else slowed down."""
+    never sending on them until the end. Expected: the excess refused with a FIN, the
+    rest held until the connection ends; nothing else slowed down.
+
+    Then the fate of each stream the server has not ended is asked for: a line with one
+    byte (``?``) on it. A stream the server holds answers it (an echo server echoes it,
+    an RPC server answers it with a parse error) and stays held; one it refuses ends with
+    a FIN and no data, however late the refusal comes. Counting goes on until every
+    stream has answered or ended (at most 30 s): a busy server is waited for, not guessed
+    at. A held stream that never answers the byte is reported as unanswered."""
     ids = range(_FIRST_ID, _FIRST_ID + 2 * run.settings.streams, 2)
-    conns = run.connect(1)
-    for conn in conns:
+    opened: list[tuple[HostileConn, int]] = []
+    for conn in run.connect(1):
+        count = 0
         for start in range(0, len(ids), _BATCH):
             batch = b"".join(run.header(CMD_SYN, 0, i) for i in ids[start : start + _BATCH])
             if run.bytes_left() < len(batch) or not conn.send(batch, run.deadline):
                 break
-            run.frames += len(ids[start : start + _BATCH])
+            count += len(ids[start : start + _BATCH])
+        run.frames += count
+        opened.append((conn, count))
     run.hold()
-    # A busy server may still be refusing: count until refusals stop coming (for half a
-    # second, after the first one) or the grace is over.
-    settle = time.monotonic() + _REFUSAL_GRACE
-    refused, since = sum(c.refused() for c in conns), time.monotonic()
-    while time.monotonic() < settle and not (refused and time.monotonic() - since >= 0.5):
-        run.nap(0.1)
-        now = sum(c.refused() for c in conns)
-        if now != refused:
-            refused, since = now, time.monotonic()
-    closed = sum(c.closed for c in conns)
+    until = time.monotonic() + _FATE_GRACE
+    for conn, count in opened:
+        # Not a FIN: a held stream that ended would free its slot for a stream the
+        # server has not refused yet, and the count would no longer be the server's.
+        asking = [i for i in ids[:count] if i not in conn.fins]
+        batch = b"".join(run.header(CMD_PSH, 2, i) + b"?\n" for i in asking)
+        if run.bytes_left() >= len(batch):
+            conn.send(batch, until)
+    while time.monotonic() < until and not all(
+        conn.closed or len(conn.fins | conn.data_streams) >= count for conn, count in opened
+    ):
+        run.nap(0.05)
+    refused = sum(conn.refused() for conn, _ in opened)
+    answered = sum(len(conn.data_streams) for conn, _ in opened)
+    silent = sum(max(0, count - len(conn.fins | conn.data_streams)) for conn, count in opened)
+    closed = sum(conn.closed for conn, _ in opened)
     run.notes.append(
-        f"{run.frames} SYNs sent on {len(conns)} connection(s); the server refused "
-        f"{refused} of them (a FIN at once) and closed {closed} connection(s)"
+        f"{run.frames} SYNs sent on {len(opened)} connection(s); the server refused "
+        f"{refused} of them (ended with no data), held {answered} (they answered a byte), "
+        f"left {silent} unanswered, and closed {closed} connection(s)"
     )
 
 
@@ -203,6 +222,8 @@ def window_abuse(run: Run) -> None:
         run.notes.append(f"{payload} bytes written, {max(0, payload - allowed)} past the window")
         if stalled_at is not None and not conn.closed:
             run.notes.append(f"the server stopped reading after {stalled_at} bytes")
+        if _FIRST_ID in conn.fins and not conn.closed:
+            run.notes.append("the server ended the stream (what came after it was dropped)")
     run.hold()
 
 

@@ -17,14 +17,13 @@ import os
 import time
 from typing import Any
 
-from ..config import Config
+from ..dialer import Dialer
 from ..loadstats import LatencyHistogram
 from ..rpc import RpcClient
-from ..runtime import Runtime, Task
+from ..runtime import Task
 from ..session import Session
-from ..session import client as mux_client
 from ..stream import Stream
-from ..tcp import Address, dial
+from ..tcp import Address
 
 __all__ = ["PROBES", "Probe"]
 
@@ -53,23 +52,22 @@ class _Phase:
 class Probe:
     """Small legitimate requests to ``address``: ``mode`` ``echo`` (any server that
     echoes streams: ``pysmux echo``, a tunnel to an echo service) or ``rpc``
-    (``pysmux rpc``); ``none`` makes no request."""
+    (``pysmux rpc``); ``none`` makes no request. ``dialer`` makes its sessions."""
 
     def __init__(
         self,
-        rt: Runtime,
+        dialer: Dialer,
         address: Address,
         mode: str,
-        config: Config,
         interval: float = 0.05,
         timeout: float = 5.0,
     ) -> None:
         if mode not in PROBES:
             raise ValueError(f"probe={mode!r}: expected one of {', '.join(PROBES)}")
-        self._rt = rt
+        self._dialer = dialer
+        self._rt = rt = dialer.runtime
         self._address = address
         self.mode = mode
-        self._config = config
         self._interval = interval
         self._timeout = timeout
         self._session: Session | None = None
@@ -145,7 +143,12 @@ class Probe:
             self._request(self._count)
         except OSError as exc:
             phase.failed += 1
-            phase.first_failure = phase.first_failure or f"{type(exc).__name__}: {exc}"
+            why = (
+                None
+                if self._session is None
+                else self._dialer.misconfigured(self._session, self._address)
+            )
+            phase.first_failure = phase.first_failure or why or f"{type(exc).__name__}: {exc}"
             self._drop()
             return
         took = time.perf_counter() - began
@@ -159,8 +162,7 @@ class Probe:
     def _request(self, n: int) -> None:
         if self._session is None or self._session.closed:
             self._drop()
-            sock = dial(self._rt, self._address, self._timeout)
-            self._session = mux_client(sock, config=self._config, runtime=self._rt)
+            self._session = self._dialer.session(self._address)
             if self.mode == "rpc":
                 self._rpc = RpcClient(self._session, timeout=self._timeout)
         if self._rpc is not None:

@@ -4,13 +4,15 @@ responsive to a legitimate client meanwhile and afterwards."""
 from __future__ import annotations
 
 import dataclasses
+import ssl
 from typing import Any
 
 from ..config import Config
+from ..dialer import Dialer
 from ..loadstats import format_bytes
-from ..runtime import Runtime, get_runtime
+from ..runtime import Runtime
 from ..tcp import Address, as_address
-from ..tunnel import format_address
+from ..tunnel import SharedKey, format_address
 from .kinds import KINDS, AttackSettings, Run
 from .probe import Probe
 
@@ -77,11 +79,18 @@ def run_attack(
     runtime: str | Runtime | None = None,
     probe_interval: float = 0.05,
     probe_timeout: float = 5.0,
+    tls: ssl.SSLContext | None = None,
+    key: SharedKey | bytes | str | None = None,
+    server_hostname: str | None = None,
+    handshake_timeout: float = 10.0,
 ) -> AttackReport:
     """Attack a server you own with ``kind`` (a name of :data:`KINDS`) and report.
 
     ``config`` is the probe session's (its version is the attack's too; default:
-    ``settings.version``). ``probe`` is ``echo``, ``rpc`` or ``none``.
+    ``settings.version``). ``probe`` is ``echo``, ``rpc`` or ``none``. A server that
+    requires a shared key or TLS is reached with ``tls``, ``key``, ``server_hostname``
+    and ``handshake_timeout``, as by :class:`~pysmux.tunnel.TunnelClient`: every
+    hostile connection does the handshakes first, so the attack reaches smux.
     """
     if kind not in KINDS:
         raise ValueError(f"kind={kind!r}: expected one of {', '.join(KINDS)}")
@@ -90,16 +99,24 @@ def run_attack(
         config = Config(version=settings.version)
     elif config.version != settings.version:
         settings = dataclasses.replace(settings, version=config.version)
-    rt = get_runtime(runtime)
+    dialer = Dialer(
+        config=config,
+        runtime=runtime,
+        tls=tls,
+        key=key,
+        server_hostname=server_hostname,
+        handshake_timeout=handshake_timeout,
+        connect_timeout=settings.connect_timeout,
+    )
     address = as_address(target)
     attack, _ = KINDS[kind]
-    watcher = Probe(rt, address, probe, config, probe_interval, probe_timeout)
+    watcher = Probe(dialer, address, probe, probe_interval, probe_timeout)
     try:
         ready_s = watcher.wait_ready(probe_timeout)
         ready = not watcher.before.failed  # no use attacking what does not work already
         if ready:
             watcher.burst(watcher.before, _BEFORE)
-        run = Run(rt, address, settings)  # the attack's clock starts now
+        run = Run(dialer, address, settings)  # the attack's clock starts now
         try:
             if ready:
                 watcher.start()

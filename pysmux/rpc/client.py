@@ -15,17 +15,19 @@ their responses in order).
 from __future__ import annotations
 
 import itertools
+import ssl
 import threading
 import time
 from collections.abc import Callable, Iterable, Sequence
 from typing import Any, TypeVar
 
 from ..config import Config
-from ..runtime import Runtime, get_runtime
+from ..dialer import Dialer
+from ..runtime import Runtime
 from ..session import Session
-from ..session import client as mux_client
 from ..stream import Stream
-from ..tcp import Address, as_address, dial
+from ..tcp import Address
+from ..tunnel import SharedKey
 from .errors import RpcError, RpcProtocolError
 from .lines import LineReader
 from .protocol import Params, check_response, decode, encode, request
@@ -176,18 +178,31 @@ class RpcClient:
         config: Config | None = None,
         runtime: str | Runtime | None = None,
         connect_timeout: float = 10.0,
+        tls: ssl.SSLContext | None = None,
+        key: SharedKey | bytes | str | None = None,
+        server_hostname: str | None = None,
+        handshake_timeout: float = 10.0,
         **options: Any,
     ) -> RpcClient:
         """Dial ``address`` (``"host:port"``), start a session, and return a client
-        that closes it on ``close()``. ``options`` are those of the constructor."""
-        rt = get_runtime(runtime)
-        sock = dial(rt, as_address(address), connect_timeout)
+        that closes it on ``close()``. ``tls``, ``key``, ``server_hostname`` and
+        ``handshake_timeout`` reach a server that requires them (as for
+        :class:`~pysmux.tunnel.TunnelClient`); ``options`` are those of the constructor."""
+        dialer = Dialer(
+            config=config,
+            runtime=runtime,
+            tls=tls,
+            key=key,
+            server_hostname=server_hostname,
+            handshake_timeout=handshake_timeout,
+            connect_timeout=connect_timeout,
+        )
+        session = dialer.session(address)
         try:
-            session = mux_client(sock, config=config, runtime=rt)
+            return cls(session, owns_session=True, **options)
         except BaseException:
-            sock.close()
+            session.close()
             raise
-        return cls(session, owns_session=True, **options)
 
     @property
     def session(self) -> Session:

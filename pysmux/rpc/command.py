@@ -17,7 +17,7 @@ from __future__ import annotations
 import argparse
 from typing import Any
 
-from ..cli_options import positive_int, positive_seconds
+from ..cli_options import Flag, add_flags, positive_int, positive_seconds
 from ..config import Config
 from .methods import register_builtins
 from .server import RpcServer
@@ -32,46 +32,22 @@ DESCRIPTION = (
 )
 
 
+_FLAGS = (
+    Flag("--max-line", positive_int, 1 << 20, "BYTES",
+         "longest request line; a longer one is answered -32600 and its stream closed"),
+    Flag("--max-buffered", positive_int, 64 << 20, "BYTES",
+         "unfinished request bytes held on all streams together"),
+    Flag("--max-session-streams", positive_int, 1024, "N",
+         "streams served at once for one mux connection; --max-conns bounds them all"),
+    Flag("--line-timeout", positive_seconds, 30.0, "SECONDS",
+         "a stream that started a line and does not finish it within this is closed"),
+    Flag("--idle-timeout", positive_seconds, 300.0, "SECONDS",
+         "a stream silent this long between requests, or not reading a response, is closed"),
+)  # fmt: skip
+
+
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument(
-        "--max-line",
-        type=positive_int,
-        default=1 << 20,
-        metavar="BYTES",
-        help="longest request line; a longer one is answered -32600 and its stream closed "
-        "(default: 1048576)",
-    )
-    parser.add_argument(
-        "--max-buffered",
-        type=positive_int,
-        default=64 << 20,
-        metavar="BYTES",
-        help="unfinished request bytes held on all streams together (default: 67108864)",
-    )
-    parser.add_argument(
-        "--max-session-streams",
-        type=positive_int,
-        default=1024,
-        metavar="N",
-        help="streams served at once for one mux connection; --max-conns bounds them all "
-        "(default: 1024)",
-    )
-    parser.add_argument(
-        "--line-timeout",
-        type=positive_seconds,
-        default=30.0,
-        metavar="SECONDS",
-        help="a stream that started a line and does not finish it within this is closed "
-        "(default: 30)",
-    )
-    parser.add_argument(
-        "--idle-timeout",
-        type=positive_seconds,
-        default=300.0,
-        metavar="SECONDS",
-        help="a stream silent this long between requests, or not reading a response, is "
-        "closed (default: 300)",
-    )
+    add_flags(parser, _FLAGS)
 
 
 def make_server(args: argparse.Namespace, config: Config, security: dict[str, Any]) -> RpcServer:

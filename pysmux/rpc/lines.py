@@ -113,27 +113,40 @@ class LineReader:
                     if line_deadline is None
                     else f"a line was not finished within {line_timeout} s"
                 )
-            self._stream.settimeout(timeout)
-            # recv_into, not recv: a stream's recv returns one received frame's payload
-            # at a time, so a peer sending 1-byte frames would cost a call per byte.
-            scratch = bytearray(min(_CHUNK, self.max_line + 1 - len(buf)))
-            count = self._stream.recv_into(scratch)
-            data = memoryview(scratch)[:count]
-            if not data:
+            if not self._read(timeout):
                 if not buf.strip():
                     return None
                 line = bytes(buf)
                 buf.clear()
                 self._release()
                 return line
-            if self._budget is not None:
-                if not self._budget.take(len(data)):
-                    raise OverBudget(
-                        f"the server holds {self._budget.limit} bytes of unfinished "
-                        "requests already"
-                    )
-                self._held += len(data)
-            buf += data
+
+    def lines_begun(self) -> int:
+        """Lines read, in whole or in part, and not yet returned (blank ones not counted)."""
+        return sum(1 for part in self._buf.split(b"\n") if part.strip())
+
+    def fill(self, timeout: float | None = None) -> bool:
+        """Wait up to ``timeout`` seconds for data (``TimeoutError`` then) unless some is
+        buffered already; False at the stream's EOF with nothing buffered."""
+        return bool(self._buf) or self._read(timeout)
+
+    def _read(self, timeout: float | None) -> bool:
+        """One read from the stream into the buffer; False at EOF."""
+        self._stream.settimeout(timeout)
+        # recv_into, not recv: a stream's recv returns one received frame's payload
+        # at a time, so a peer sending 1-byte frames would cost a call per byte.
+        scratch = bytearray(min(_CHUNK, self.max_line + 1 - len(self._buf)))
+        count = self._stream.recv_into(scratch)
+        if not count:
+            return False
+        if self._budget is not None:
+            if not self._budget.take(count):
+                raise OverBudget(
+                    f"the server holds {self._budget.limit} bytes of unfinished requests already"
+                )
+            self._held += count
+        self._buf += memoryview(scratch)[:count]
+        return True
 
     def _release(self) -> None:
         if self._budget is not None and self._held > len(self._buf):

@@ -49,7 +49,7 @@ class RpcServer(MuxServer):
     >>> with server:  # doctest: +SKIP
     ...     print(server.address)
 
-    Serve a listening address (``start()``, ``close()``, ``drain(timeout)``, a
+    Serve a listening address (``start()``, ``close()``, :meth:`drain`, a
     context manager that starts it), or sessions you made (``serve_session``),
     or single streams (``serve_stream``). Bounds on what a client can make it hold:
 
@@ -117,6 +117,9 @@ class RpcServer(MuxServer):
         self.idle_timeout = idle_timeout
         self._dispatcher = Dispatcher()
         self._budget = ByteBudget(max_buffered, self._rt)
+        # Streams waiting for their next request, which drain() closes at once.
+        self._idle: dict[int, Stream] = {}
+        self._answering_stopped = False
 
     # -- methods ---------------------------------------------------------------------
 
@@ -154,12 +157,27 @@ class RpcServer(MuxServer):
     def serve_stream(self, stream: Stream) -> None:
         """Answer the requests of one stream until its EOF, then close it (blocks).
 
-        Errors of the stream itself (reset, session closed) propagate.
+        Once the server drains, the stream is ended after the requests already
+        received (see :meth:`drain`). Errors of the stream itself (reset, session
+        closed) propagate.
         """
         reader = LineReader(stream, self.max_line, self._budget)
+        left: int | None = None  # once draining: the requests received still to answer
         try:
             while True:
+                if left is None and self._answering_stopped:
+                    left = reader.lines_begun()
+                if left is not None:
+                    if not left:
+                        break  # draining: nothing new is answered
+                    left -= 1
                 try:
+                    if not reader.pending:
+                        waiting = self._wait_for_request(stream, reader)
+                        if waiting is None:
+                            return  # drain() closed it while it was idle
+                        if not waiting:
+                            break  # EOF, or draining: nothing new is answered
                     line = reader.readline(self.idle_timeout, self.line_timeout)
                 except LineTooLong as exc:
                     self._refuse(stream, INVALID_REQUEST, str(exc))
@@ -181,6 +199,21 @@ class RpcServer(MuxServer):
             reader.close()
             stream.close()
 
+    def _wait_for_request(self, stream: Stream, reader: LineReader) -> bool | None:
+        """Wait, idle, for the first bytes of the next request: True when they came,
+        False at EOF or once draining, None if :meth:`drain` closed the stream meanwhile."""
+        key = id(stream)
+        with self._lock:
+            if self._answering_stopped:
+                return False
+            self._idle[key] = stream
+        try:
+            came = reader.fill(self.idle_timeout)
+        finally:
+            with self._lock:
+                cut = self._idle.pop(key, None) is None
+        return None if cut else came
+
     def _refuse(self, stream: Stream, code: int, why: str) -> None:
         log.info("stream %d closed: %s", stream.id, why)
         stream.settimeout(self.idle_timeout)
@@ -200,6 +233,24 @@ class RpcServer(MuxServer):
             session.close()
             return
         self._serve_session(session, token, f"session {id(session):#x}")
+
+    def drain(self, timeout: float) -> bool:
+        """Finish the calls in flight, then close; True if every stream ended in time.
+
+        New mux connections and streams are refused at once. A stream idle between
+        requests (a client's pooled stream) is closed at once: its client sees EOF
+        and opens no call on it. A stream in the middle of a call gets its answer,
+        and those of the requests it has received already, then it is closed: nothing
+        new is answered. Streams still busy after ``timeout`` seconds are reset, as by
+        ``close()``. A request that crosses the close on its way is not answered (its
+        caller sees the stream end). Do not call it from a method the server runs.
+        """
+        with self._lock:
+            self._answering_stopped = True
+            idle, self._idle = self._idle, {}
+        for stream in idle.values():
+            stream.close()
+        return super().drain(timeout)
 
     def start(self: _S) -> _S:
         """Listen on the ``listen`` address and serve in background tasks; ``self``.
