@@ -56,8 +56,9 @@ class StreamWrites(Protocol):
         """Write ``data`` (all of it if ``whole``, else what can go once the
         stream may write); how many bytes. Called with the lock *not* held."""
 
-    def shut(self, stream: Stream) -> None:
-        """Local ``shutdown(SHUT_WR)``: queue ``stream``'s FIN once (lock held)."""
+    def shut(self, stream: Stream, reset: bool = False) -> None:
+        """Local ``shutdown(SHUT_WR)``: queue ``stream``'s FIN once (lock held);
+        ``reset``: with the reset marker before it."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -70,8 +71,8 @@ class StreamHost:
     runtime: Runtime
     reads: StreamReads
     writes: StreamWrites
-    #: ``reset_error(stream_id)``: what a stream reset by the session's end raises.
-    reset_error: Callable[[int], StreamResetError]
+    #: ``reset_error(stream)``: what a reset stream raises.
+    reset_error: Callable[[Stream], StreamResetError]
 
 
 class Stream(StreamCore):
@@ -204,7 +205,7 @@ class Stream(StreamCore):
             if state in (RECV_EOF, RECV_SHUT) or want == 0:
                 return False
             if state == RECV_RESET:
-                raise self._host.reset_error(self.id)
+                raise self._host.reset_error(self)
             if deadline is None:
                 deadline = self._deadline()
             self._host.reads.await_frames(self, deadline)
@@ -248,7 +249,7 @@ class Stream(StreamCore):
             return BrokenPipeError(errno.EPIPE, f"stream {self.id} is closed")
         if self._send_state == SEND_SHUT:
             return BrokenPipeError(errno.EPIPE, f"stream {self.id} was shut down for writing")
-        return self._host.reset_error(self.id)
+        return self._host.reset_error(self)
 
     # -- socket-like settings --------------------------------------------------------
 
@@ -291,6 +292,18 @@ class Stream(StreamCore):
             self._closed = True
             if self._io_refs <= 0:
                 self._release()
+
+    def reset(self) -> None:
+        """Abort the stream, as closing a socket with ``SO_LINGER`` 0 aborts a TCP
+        connection: unread data is dropped, and a pysmux peer's ``recv`` and ``send``
+        raise ``StreamResetError`` (after the data that reached it) instead of
+        seeing a clean end. A Go smux peer sees a plain FIN (smux has no reset).
+        If this end already sent its FIN, only the local close remains. Idempotent.
+        """
+        with self._host.lock:
+            if not self._closed:
+                self._host.writes.shut(self, reset=True)
+        self.close()
 
     def _release(self) -> None:
         host = self._host

@@ -83,9 +83,10 @@ class WritePath:
         if not self.busy:
             self._cond.notify()
 
-    def shut(self, stream: Stream) -> None:
-        """Local ``shutdown(SHUT_WR)`` of ``stream``: its FIN is queued once."""
-        if self._core.shut_send(stream):
+    def shut(self, stream: Stream, reset: bool = False) -> None:
+        """Local ``shutdown(SHUT_WR)`` of ``stream``: its FIN is queued once
+        (``reset``: after the reset marker)."""
+        if self._core.shut_send(stream, reset):
             self.control_queued()
             stream._wake()
 

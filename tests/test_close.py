@@ -380,3 +380,57 @@ def test_stream_closed_by_the_peer_before_accept_is_still_delivered(pair):
     assert second.recv(1) == b"m"
     first.close()
     wait_until(lambda: client.num_streams == 1 and server.num_streams == 1, 2)
+
+
+# -- reset (abortive close) ------------------------------------------------------
+
+
+@VERSIONS
+def test_reset_reaches_the_peer_as_a_reset_after_the_data_sent_before_it(pair, version):
+    client, server = pair(version=version)
+    st = client.open_stream()
+    st.sendall(b"last words")
+    peer = server.accept_stream(timeout=5)
+    st.reset()
+    assert st.closed
+    st.reset()  # idempotent
+    with pytest.raises(OSError):
+        st.send(b"x")
+    assert recv_exact(peer, 10) == b"last words"  # what came first is still delivered
+    peer.settimeout(5)
+    with pytest.raises(pysmux.StreamResetError, match="reset by the peer") as caught:
+        peer.recv(10)
+    assert caught.value.errno == errno.ECONNRESET
+    with pytest.raises(pysmux.StreamResetError, match="reset by the peer"):
+        peer.sendall(b"reply")
+    # Both ends let go of the stream at once: no FIN is owed back.
+    wait_until(lambda: client.num_streams == 0 and server.num_streams == 0, 5, "streams freed")
+    peer.close()
+    assert client.error is None and server.error is None  # the session goes on
+    again = client.open_stream()
+    again.sendall(b"ok")
+    assert recv_exact(server.accept_stream(timeout=5), 2) == b"ok"
+
+
+def test_reset_wakes_a_peer_blocked_in_recv(pair):
+    client, server = pair()
+    st = client.open_stream()
+    st.sendall(b"?")
+    peer = server.accept_stream(timeout=5)
+    assert recv_exact(peer, 1) == b"?"
+    blocked = spawn(lambda: peer.recv(10), name="blocked-recv")
+    assert blocked.started_call.wait(5)
+    st.reset()
+    with pytest.raises(pysmux.StreamResetError):
+        blocked.result(5)
+
+
+def test_reset_after_shutdown_is_a_plain_close(pair):
+    """The marker must come before the FIN: once the FIN went, the peer sees EOF."""
+    client, server = pair()
+    st = client.open_stream()
+    st.shutdown(socket.SHUT_WR)
+    peer = server.accept_stream(timeout=5)
+    st.reset()
+    peer.settimeout(5)
+    assert peer.recv(10) == b""

@@ -278,6 +278,41 @@ def test_empty_psh_and_nop_are_junk():
     assert core._junk == 2
 
 
+@pytest.mark.parametrize("version", [1, 2])
+def test_an_empty_psh_then_fin_is_the_peers_reset(version):
+    core = make(version=version)
+    stream = accepted(core, b"last", version=version)
+    feed(core, psh(1, b"", version))
+    assert stream._reset_marked and stream._recv_state == RECV_OPEN
+    assert core._junk == 0  # the first marker on an open stream is not junk
+    feed(core, psh(1, b"", version))
+    assert core._junk == 1  # a second one is
+    feed(core, fin(1, version))
+    assert stream._recv_state == RECV_RESET and stream._send_state == SEND_RESET
+    assert stream in core.changed
+    assert 1 not in core.streams  # both directions are done: no FIN is owed back
+    assert take(core, stream, 100) == b"last"  # data that arrived first is still read
+    error = core.reset_error(stream)
+    assert isinstance(error, StreamResetError) and error.errno == errno.ECONNRESET
+    assert str(error) == "[Errno 104] stream 1 was reset by the peer"
+
+
+def test_a_reset_after_our_own_fin_leaves_the_send_side_shut():
+    core = make()
+    stream = accepted(core)
+    core.shut_send(stream)
+    feed(core, psh(1, b"") + fin(1))
+    assert stream._recv_state == RECV_RESET and stream._send_state == SEND_SHUT
+
+
+def test_an_empty_psh_after_the_peers_fin_is_junk_and_changes_nothing():
+    core = make()
+    stream = accepted(core)
+    feed(core, fin(1) + psh(1, b""))
+    assert not stream._reset_marked and stream._recv_state == RECV_EOF
+    assert core._junk == 1
+
+
 def test_junk_past_the_limit_within_a_second_is_a_protocol_error():
     core = make(max_junk_frames_per_second=3, now=100.0)
     feed(core, nop() * 3, now=100.0)
@@ -524,6 +559,20 @@ def test_shut_send_queues_exactly_one_fin():
     assert [(f.cmd, f.sid) for f in written(core)] == [(CMD_FIN, stream.id)]
 
 
+@pytest.mark.parametrize("version", [1, 2])
+def test_shut_send_with_reset_queues_the_marker_then_the_fin_once(version):
+    core = make(version=version, role="client")
+    stream = core.open_stream()
+    written(core)
+    assert core.shut_send(stream, reset=True)
+    assert not core.shut_send(stream, reset=True)
+    frames = written(core)
+    assert [(f.cmd, f.sid, len(f.data)) for f in frames] == [
+        (CMD_PSH, stream.id, 0),
+        (CMD_FIN, stream.id, 0),
+    ]
+
+
 def test_shut_send_after_the_end_is_a_broken_pipe_not_a_reset():
     core = make(role="client")
     stream = core.open_stream()
@@ -664,12 +713,12 @@ def test_reset_error_names_the_cause():
     core = make()
     cause = SessionClosedError(errno.ECONNRESET, "peer went away")
     core.close(cause)
-    error = core.reset_error(7)
+    error = core.reset_error(StreamCore(7))
     assert isinstance(error, StreamResetError) and error.__cause__ is cause
     assert "stream 7 was reset" in str(error) and "peer went away" in str(error)
     failed = make()
     failed.write_failed(cause)
-    assert failed.reset_error(1).__cause__ is cause
+    assert failed.reset_error(StreamCore(1)).__cause__ is cause
 
 
 def test_check_alive():

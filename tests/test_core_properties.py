@@ -54,6 +54,7 @@ def run_model(role: str, version: int, data: Any, wire: bytes) -> None:
     core = make(version, role, **_fields(cfg))
     pieces = data.draw(st.lists(st.integers(1, 300), max_size=20), label="pieces")
     got: dict[int, bytearray] = {}
+    current: dict[int, Any] = {}  # an id used again after a reset is a new stream
     order: list[int] = []
     error: ProtocolError | None = None
     view = memoryview(wire)
@@ -65,10 +66,13 @@ def run_model(role: str, version: int, data: Any, wire: bytes) -> None:
             # The application accepts every stream and reads everything at once.
             while (stream := core.accept()) is not None:
                 order.append(stream.id)
+                current[stream.id] = stream
                 got[stream.id] = bytearray()
             for stream in core.readable:
                 while stream._recv_buffered:
-                    got[stream.id] += take(core, stream, stream._recv_buffered)
+                    data_read = take(core, stream, stream._recv_buffered)
+                    if current[stream.id] is stream:
+                        got[stream.id] += data_read
             core.readable.clear()
     except ProtocolError as exc:
         error = exc
@@ -78,9 +82,10 @@ def run_model(role: str, version: int, data: Any, wire: bytes) -> None:
         return
     assert order == model.accepted
     assert got == model.data
-    # The application never closes a stream, so every one stays in the table.
-    eof = {sid for sid in order if core.streams[sid]._recv_state == RECV_EOF}
+    # The application never closes a stream: only the peer's reset ends one.
+    eof = {sid for sid, stream in core.streams.items() if stream._recv_state == RECV_EOF}
     assert eof == model.fin
+    assert set(order) - set(core.streams) == model.reset
     refused = [f.sid for f in written(core) if f.cmd == CMD_FIN]
     assert refused == model.refused
     assert core.eof_error().strerror.endswith(

@@ -73,12 +73,15 @@ class Expected:
     refused: list[int] = field(default_factory=list)
     data: dict[int, bytearray] = field(default_factory=dict)
     fin: set[int] = field(default_factory=set)
+    reset: set[int] = field(default_factory=set)  # the peer's reset: an empty PSH, then FIN
 
 
 def expect(data: bytes, cfg: pysmux.Config, role: str) -> Expected:
     """Apply the protocol's rules to ``data`` (all the peer ever sends)."""
     own_parity = 1 if role == "client" else 0  # clients open odd ids, servers even
     out = Expected()
+    table: set[int] = set()  # the session's streams (the application never closes one)
+    marked: set[int] = set()  # streams whose reset marker (an empty PSH) arrived
     pos = 0
     while len(data) - pos >= HEADER_SIZE:
         ver, cmd, length, sid = HEADER.unpack_from(data, pos)
@@ -97,22 +100,32 @@ def expect(data: bytes, cfg: pysmux.Config, role: str) -> Expected:
         payload = data[pos + HEADER_SIZE : end]
         pos = end
         if cmd == CMD_SYN:
-            if sid == 0 or sid & 1 == own_parity or sid in out.data:
+            if sid == 0 or sid & 1 == own_parity or sid in table:
                 out.protocol_error = True
                 return out
-            # The application never closes a stream, so every one stays in the table.
-            if len(out.data) >= cfg.max_streams:
+            # Only a reset ends a stream: the application never closes one.
+            if len(table) >= cfg.max_streams:
                 out.refused.append(sid)
             else:
                 out.accepted.append(sid)
-                out.data[sid] = bytearray()
+                table.add(sid)
+                out.data[sid] = bytearray()  # an id used again after a reset starts anew
+                out.reset.discard(sid)
+                marked.discard(sid)
         elif cmd == CMD_FIN:
-            if sid in out.data:
-                out.fin.add(sid)
+            if sid in table and sid not in out.fin:
+                if sid in marked:
+                    out.reset.add(sid)  # both directions end: the stream leaves the table
+                    table.discard(sid)
+                else:
+                    out.fin.add(sid)
         elif cmd == CMD_PSH:
-            if sid in out.data and sid not in out.fin:
-                out.data[sid] += payload
-        elif cmd == CMD_UPD and sid in out.data:
+            if sid in table and sid not in out.fin:
+                if payload:
+                    out.data[sid] += payload
+                else:
+                    marked.add(sid)
+        elif cmd == CMD_UPD and sid in table:
             # The application sends nothing: acknowledging any byte is acknowledging
             # too much; a "consumed" at least 2**31 behind is an old UPD, ignored.
             consumed = UPD.unpack(payload)[0]
@@ -379,6 +392,8 @@ class App:
             return False
         for sid, seen in self.streams.items():
             if len(seen.data) < len(exp.data[sid]) or (sid in exp.fin and not seen.eof):
+                return False
+            if sid in exp.reset and not seen.reset:
                 return False
         return True
 

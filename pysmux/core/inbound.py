@@ -27,7 +27,7 @@ from ..frame import (
     UPD,
 )
 from .state import MASK, MAX_FRAME, READ_BUFFER, S, SessionState
-from .stream import RECV_EOF, RECV_OPEN, RECV_SHUT
+from .stream import RECV_EOF, RECV_OPEN, RECV_RESET, RECV_SHUT, SEND_OPEN, SEND_RESET
 
 __all__ = ["ACCEPT_STALL_SECONDS", "Inbound"]
 
@@ -226,16 +226,25 @@ class Inbound(SessionState[S]):
             return
         if stream._recv_state != RECV_OPEN:
             return  # a second FIN, or we stopped reading: nothing changes
-        stream._recv_state = RECV_EOF
+        if stream._reset_marked:
+            # The peer reset the stream: no clean EOF, and nothing more to send.
+            stream._recv_state = RECV_RESET
+            if stream._send_state == SEND_OPEN:
+                stream._send_state = SEND_RESET
+        else:
+            stream._recv_state = RECV_EOF
         self.changed.append(stream)
         self._unregister_if_done(stream)
 
     def _on_psh(self, stream_id: int, payload: memoryview) -> None:
         length = len(payload)
-        if not length:
-            self._count_junk("empty PSH")
-            return
         stream = self.streams.get(stream_id)
+        if not length:
+            if stream is not None and stream._recv_state == RECV_OPEN and not stream._reset_marked:
+                stream._reset_marked = True  # a reset: the stream's FIN follows
+            else:
+                self._count_junk("empty PSH")
+            return
         if stream is None or stream._recv_state != RECV_OPEN:
             # After our close or the peer's FIN (old Go writes after FIN): drop.
             self.dropped_frames += 1

@@ -58,10 +58,14 @@ class Outbound(SessionState[S]):
         self._queue_frame(CMD_SYN, stream_id)
         return stream
 
-    def shut_send(self, stream: S) -> bool:
-        """Local ``shutdown(SHUT_WR)``; True when this queued the stream's FIN."""
+    def shut_send(self, stream: S, reset: bool = False) -> bool:
+        """Local ``shutdown(SHUT_WR)``; True when this queued the stream's FIN.
+
+        ``reset``: the reset marker (an empty PSH) goes just before the FIN."""
         if stream._send_state == SEND_OPEN:
             stream._send_state = SEND_SHUT
+            if reset:
+                self._queue_frame(CMD_PSH, stream.id)
             self._queue_frame(CMD_FIN, stream.id)
             self._unregister_if_done(stream)
             return True

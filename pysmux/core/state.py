@@ -148,7 +148,7 @@ class SessionState(Generic[S]):
         self.control_queued += 1
 
     def _queue_frame(self, cmd: int, stream_id: int) -> None:
-        """Queue a frame without payload (SYN, FIN, NOP)."""
+        """Queue a frame without payload (SYN, FIN, NOP, the reset marker)."""
         self._queue(encode_header(self.version, cmd, 0, stream_id))
 
     # -- the end ---------------------------------------------------------------------
@@ -192,12 +192,14 @@ class SessionState(Generic[S]):
                 stream._send_state = SEND_RESET
         return streams
 
-    def reset_error(self, stream_id: int) -> StreamResetError:
-        """What a stream that the session's end reset raises."""
+    def reset_error(self, stream: S) -> StreamResetError:
+        """What a reset stream raises: the peer reset it, or the session ended."""
+        if stream._reset_marked:
+            return StreamResetError(errno.ECONNRESET, f"stream {stream.id} was reset by the peer")
         cause = self.error or self.write_error
         err = StreamResetError(
             errno.ECONNRESET,
-            f"stream {stream_id} was reset: the session ended before the peer closed it ({cause})",
+            f"stream {stream.id} was reset: the session ended before the peer closed it ({cause})",
         )
         err.__cause__ = cause
         return err

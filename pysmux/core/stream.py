@@ -8,7 +8,8 @@ receive side          entered when                                 ``recv`` answ
 ====================  ===========================================  ==========================
 ``RECV_OPEN``         the stream is created                        buffered data, else waits
 ``RECV_EOF``          the peer's FIN arrives                       buffered data, then ``b""``
-``RECV_RESET``        the session ends before the peer's FIN       buffered data, then reset
+``RECV_RESET``        the session ends before the peer's FIN, or   buffered data, then reset
+                      the peer resets the stream (see below)
 ``RECV_SHUT``         local ``shutdown(SHUT_RD)`` or ``close()``   ``b""`` (data is dropped)
 ====================  ===========================================  ==========================
 
@@ -18,8 +19,13 @@ send side             entered when                                 ``send`` answ
 ``SEND_OPEN``         the stream is created                        writes
 ``SEND_SHUT``         local ``shutdown(SHUT_WR)``/``close()``:     ``BrokenPipeError``
                       a FIN is queued exactly once
-``SEND_RESET``        the session ends                             ``StreamResetError``
+``SEND_RESET``        the session ends, or the peer resets it      ``StreamResetError``
 ====================  ===========================================  ==========================
+
+A **reset** is pysmux's abortive close (``Stream.reset()``), which smux itself
+lacks: an empty PSH frame, then the FIN. Go smux ignores an empty PSH, so a Go
+peer sees a plain FIN; a pysmux peer marks the stream at the empty PSH
+(``_reset_marked``) and ends both of its directions with a reset at the FIN.
 
 Only :class:`~pysmux.core.session.SessionCore` changes these states and counters.
 A driver's stream class (``pysmux.Stream``) derives from :class:`StreamCore`,
@@ -71,6 +77,7 @@ class StreamCore:
         "_peer_window",
         "_recv_buffered",
         "_recv_state",
+        "_reset_marked",
         "_send_state",
         "_upd_pending",
         "id",
@@ -81,6 +88,7 @@ class StreamCore:
         self.id = stream_id
         self._recv_state = RECV_OPEN
         self._send_state = SEND_OPEN
+        self._reset_marked = False  # the peer's reset marker arrived: its FIN resets
         # Receive buffer: whole payloads, the first one read from offset _head;
         # made on the first payload, so an idle stream stays small.
         self._chunks: deque[_Chunk] | None = None
