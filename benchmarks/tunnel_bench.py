@@ -378,6 +378,7 @@ class Settings:
     profile: str | None
     strace: str | None
     timeout: float
+    pysmux_flags: list[str]
 
 
 class Process:
@@ -456,7 +457,7 @@ def pysmux_cmd(role: str, flag: str, where: str, row: Row, settings: Settings) -
     args = [role, "-l", "127.0.0.1:0", flag, where, "--smuxver", str(row.version), "-q"]
     if row.runtime:
         args += ["--runtime", row.runtime]
-    args += ["--drain-timeout", "5"]
+    args += ["--drain-timeout", "5", *settings.pysmux_flags]
     if settings.profile:
         os.makedirs(settings.profile, exist_ok=True)
         out = os.path.join(settings.profile, f"{row.name}-v{row.version}-{role}.pstats")
@@ -586,7 +587,11 @@ def scale_once(row: Row, count: int, args: argparse.Namespace, settings: Setting
         for p in tunnel:
             if p.proc.poll() is not None:
                 raise RuntimeError(f"{p.name} ended: {p.errors()}")
-    return Result(out["seconds"], errors=out["errors"], why="; ".join(out["why"]), memory=memory)
+    result = Result(out["seconds"], errors=out["errors"], why="; ".join(out["why"]), memory=memory)
+    for p in tunnel:
+        if p.usage is not None:
+            memory[f"{p.name}_cpu_ms"] = round(p.usage.cpu * 1000)
+    return result
 
 
 def keep_best(old: Result | None, new: Result, higher_is_better: bool) -> Result:
@@ -727,15 +732,15 @@ def print_cost(
 
 def print_scale(rows: list[Row], results: Results, counts: list[int]) -> None:
     head = ["tunnel", "connections", "time s", "vs Go", "RSS MB client+server", "vs Go"]
-    head += ["KiB/conn client+server", "threads client+server", "errors"]
+    head += ["KiB/conn client+server", "threads client+server", "CPU s client+server", "errors"]
     lines = []
     for count in counts:
         for row in rows:
-            if row.name == "direct":
-                continue
             mine = results.get((row.label, f"scale{count}"))
             go = go_of(row, rows)
-            ref = results.get((go.label, f"scale{count}")) if go and row.name != "go" else None
+            ref = None
+            if go and row.name not in ("go", "direct"):
+                ref = results.get((go.label, f"scale{count}"))
             if mine is None:
                 continue
             m = mine.memory
@@ -755,13 +760,15 @@ def print_scale(rows: list[Row], results: Results, counts: list[int]) -> None:
                     ratio(rss, ref_rss) if m else "-",
                     f"{grow[0]:.1f}+{grow[1]:.1f}" if m else "-",
                     f"{m.get('client_threads', 0)}+{m.get('server_threads', 0)}" if m else "-",
+                    "+".join(f"{m.get(f'{s}_cpu_ms', 0) / 1000:.1f}" for s in sides) if m else "-",
                     str(mine.errors),
                 ]
             )
     table(head, lines)
     print("time: until every connection has echoed once; RSS and threads while all are open;")
-    print("KiB/conn: RSS growth from the idle tunnel, divided by the connections. 'vs Go' is")
-    print("the ratio to the Go tunnel of the same version (above 1: slower, or more memory).")
+    print("KiB/conn: RSS growth from the idle tunnel, divided by the connections. CPU: each")
+    print("tunnel process over its life, start-up and closing included. 'vs Go' is the ratio")
+    print("to the Go tunnel of the same version (above 1: slower, or more memory).")
     print()
 
 
@@ -799,7 +806,8 @@ def orchestrate(args: argparse.Namespace) -> int:
         if gobin is None:
             print("target: Python (a thread per connection); Go rows skipped")
             rows = [r for r in rows if "go" not in r.ends()]
-        settings = Settings(gobin, workdir, args.profile, args.strace, args.timeout)
+        flags = args.pysmux_flags.split()
+        settings = Settings(gobin, workdir, args.profile, args.strace, args.timeout, flags)
         print()
         idle: dict[str, Usage] = {}
         for row in rows if args.cost else []:
@@ -811,8 +819,6 @@ def orchestrate(args: argparse.Namespace) -> int:
                 for count in counts if s == "scale" else [0]:
                     key = f"scale{count}" if s == "scale" else s
                     for row in rows:
-                        if s == "scale" and row.name == "direct":
-                            continue
                         say(f"round {round_}: {key}: {row.label} ...")
                         new = measure(row, s, count, args, settings)
                         if new.errors:
@@ -876,6 +882,9 @@ def main() -> int:
     p.add_argument("--profile", metavar="DIR", help="cProfile the pysmux ends into DIR")
     p.add_argument("--profile-top", type=int, default=25, help="functions to print per profile")
     p.add_argument("--strace", metavar="DIR", help="strace -c -f the pysmux ends into DIR")
+    p.add_argument(
+        "--pysmux-flags", default="", metavar="FLAGS", help="more flags for every pysmux end"
+    )
     # internal: the child processes
     p.add_argument("--role", choices=["driver", "target", "pysmux"], help=argparse.SUPPRESS)
     p.add_argument("--mode", choices=["download", "short", "scale"], help=argparse.SUPPRESS)

@@ -21,6 +21,8 @@ from typing import Any, Protocol
 __all__ = [
     "MAX_WAIT",
     "GeventRuntime",
+    "Launch",
+    "Launcher",
     "Runtime",
     "Task",
     "ThreadRuntime",
@@ -94,6 +96,40 @@ class Condition(_Held, Protocol):
     def notify_all(self) -> None: ...
 
 
+class Launch(Protocol):
+    """A task that a :class:`Launcher` starts once a socket is readable (at most once)."""
+
+    def cancel(self) -> None:
+        """Never start the task, unless it has started already."""
+
+    def join(self, timeout: float | None = None) -> None:
+        """Wait for the task, if it started."""
+
+    def is_alive(self) -> bool:
+        """True while the task may still start, or runs."""
+
+
+class Launcher(Protocol):
+    """Starts a task for a socket once it is readable, with no task waiting meanwhile.
+
+    A tunnel keeps thousands of mostly idle TCP connections: their upload
+    direction needs a task only while bytes arrive.
+    """
+
+    def when_readable(
+        self,
+        sock: Any,
+        target: Callable[[], None],
+        name: str,
+        on_error: Callable[[BaseException], None],
+    ) -> Launch:
+        """Run ``target`` in a new task once ``sock`` is readable (or at EOF, or in
+        error). ``on_error(exc)`` is called instead if no task can be started."""
+
+    def close(self) -> None:
+        """Start nothing more; end the launcher's own task, if it has one."""
+
+
 class Runtime(Protocol):
     """What a session needs from its concurrency model."""
 
@@ -118,6 +154,10 @@ class Runtime(Protocol):
     def write_waiter(self, sock: Any) -> WriteWaiter | None: ...
 
     def yield_now(self) -> None: ...
+
+    def wait_readable(self, sock: Any, timeout: float) -> bool: ...
+
+    def launcher(self) -> Launcher: ...
 
 
 def _plain(sock: Any) -> bool:
@@ -183,6 +223,26 @@ class ThreadRuntime:
             return bool(poller.poll(math.ceil(wait * 1000)))
 
         return wait_writable
+
+    def wait_readable(self, sock: Any, timeout: float) -> bool:
+        """Wait up to ``timeout`` seconds until ``sock`` has bytes, EOF or an error."""
+        wait = bounded_wait(timeout)
+        assert wait is not None
+        poll = getattr(select, "poll", None)  # gone in a monkey-patched process
+        if poll is None:
+            return bool(select.select([sock], [], [], wait)[0])
+        poller = poll()
+        poller.register(sock.fileno(), select.POLLIN)
+        return bool(poller.poll(math.ceil(wait * 1000)))
+
+    def launcher(self) -> Launcher:
+        """One epoll thread that starts the tasks; in a monkey-patched process (no
+        epoll, threads are greenlets) a task per socket that waits."""
+        from .launch import EpollLauncher, WaitingLauncher
+
+        if hasattr(select, "epoll") and not gevent_patched():
+            return EpollLauncher(self)
+        return WaitingLauncher(self)
 
     def check_transport(self, sock: object) -> None:
         """A gevent socket works on threads only when threads are greenlets (patched)."""
@@ -269,6 +329,7 @@ class GeventRuntime:
         self._gsocket = gevent.socket
         self._socket_type = gevent.socket.socket
         self._wait_write = gevent.socket.wait_write
+        self._wait_read = gevent.socket.wait_read
 
     def lock(self) -> Lock:
         lock: Lock = self._bounded(1)
@@ -314,6 +375,21 @@ class GeventRuntime:
             return True
 
         return wait_writable
+
+    def wait_readable(self, sock: Any, timeout: float) -> bool:
+        """Wait cooperatively up to ``timeout`` seconds until ``sock`` has bytes, EOF
+        or an error."""
+        try:
+            self._wait_read(sock.fileno(), timeout=bounded_wait(timeout))
+        except TimeoutError:
+            return False
+        return True
+
+    def launcher(self) -> Launcher:
+        """An I/O watcher of the hub per socket: no greenlet waits meanwhile."""
+        from .launch import GeventLauncher
+
+        return GeventLauncher(self, self._gevent.get_hub().loop)
 
     def check_transport(self, sock: object) -> None:
         """A blocking OS socket would freeze every greenlet: refuse it."""

@@ -1,9 +1,12 @@
-"""One TCP connection carried by one stream: a copy task per direction.
+"""One TCP connection carried by one stream: a task per direction, the upload one on demand.
 
 What a carried connection gets:
 
-* two copy tasks (threads, or greenlets with ``runtime="gevent"``): TCP to
-  stream and stream to TCP, ended and joined when the connection ends;
+* a task that copies stream to TCP for the whole connection, and a task that
+  copies TCP to stream only while bytes arrive: the socket is watched (the
+  runtime's :class:`~pysmux.runtime.Launcher`) and a task starts once it is
+  readable; after ``UP_IDLE_SECONDS`` with nothing to read it ends and the
+  socket is watched again. An idle connection costs one task, not two;
 * half-close in both directions: EOF from the TCP side becomes
   ``stream.shutdown(SHUT_WR)`` (a FIN), EOF of the stream becomes
   ``sock.shutdown(SHUT_WR)``, and the other direction carries on;
@@ -11,6 +14,8 @@ What a carried connection gets:
   aborts both directions and resets the TCP side (:func:`.net.abort_tcp`): a
   connection cut short is not shown to a TCP peer as a clean EOF. smux has no
   stream reset, so across the mux a failure travels as a FIN.
+
+Every task the pipe starts is joined before ``run()`` returns.
 """
 
 from __future__ import annotations
@@ -21,16 +26,20 @@ import socket
 from collections.abc import Iterator
 from typing import Any
 
-from ..runtime import Runtime
+from ..runtime import Launch, Launcher, Runtime
 from ..stream import Stream
 from .net import abort_tcp, reset_and_close
 
-__all__ = ["BUFSIZE", "Pipe", "chunks"]
+__all__ = ["BUFSIZE", "UP_IDLE_SECONDS", "Pipe", "chunks"]
 
 log = logging.getLogger("pysmux.tunnel")
 
 #: Bytes read from a TCP socket or a stream at once (two frames at the default max_frame_size).
 BUFSIZE = 65536
+#: An upload task that has had nothing to read for this long ends; the next bytes
+#: start another. Long enough that a busy connection keeps its task, short enough
+#: that thousands of idle ones do not hold one each.
+UP_IDLE_SECONDS = 0.5
 
 
 def chunks(source: Any) -> Iterator[bytes]:
@@ -45,49 +54,58 @@ def chunks(source: Any) -> Iterator[bytes]:
 class Pipe:
     """Copies between one TCP socket and one stream until both directions are done.
 
-    ``run()`` copies stream to TCP in the calling task and TCP to stream in a
-    task of its own, joins it, and closes both ends. ``abort()`` (thread-safe,
-    idempotent) wakes both directions; the TCP side is then closed with a reset.
+    ``run()`` copies stream to TCP in the calling task while upload tasks copy
+    TCP to stream (started by ``launcher`` when the socket is readable); it
+    returns once both directions are done and every task has been joined, with
+    both ends closed. ``abort()`` (thread-safe, idempotent) wakes both
+    directions; the TCP side is then closed with a reset.
     """
 
     __slots__ = (
+        "_cond",
         "_failed",
         "_label",
+        "_launcher",
+        "_launches",
         "_lock",
         "_rt",
         "_sending",
         "_sock",
         "_stream",
+        "_up_done",
         "bytes_down",
         "bytes_up",
     )
 
-    def __init__(self, rt: Runtime, sock: Any, stream: Stream, label: str) -> None:
+    def __init__(
+        self, rt: Runtime, launcher: Launcher, sock: Any, stream: Stream, label: str
+    ) -> None:
         self._rt = rt
+        self._launcher = launcher
         self._sock = sock
         self._stream = stream
         self._label = label
         self._lock = rt.lock()
+        self._cond = rt.condition(self._lock)
         self._failed = False
         self._sending = False  # the down task is inside sock.sendall
+        self._up_done = False  # TCP EOF passed on as a FIN
+        self._launches: list[Launch] = []  # the watch, and upload tasks not yet joined
         self.bytes_up = 0  # TCP -> stream
         self.bytes_down = 0  # stream -> TCP
 
     def run(self) -> None:
         try:
-            up = self._rt.spawn(self._tcp_to_mux, f"pysmux-tunnel-up-{self._label}")
-        except BaseException as exc:  # out of threads: give up this connection only
-            self.abort(f"cannot start a task: {exc!r}")
-            self._close()
-            raise
-        try:
+            self._watch()
             self._mux_to_tcp()
         except BaseException as exc:  # not an OSError: a bug, or the task being killed
             self.abort(f"stream->tcp: {exc!r}")
             raise
         finally:
-            up.join()
+            self._wait_up()
             self._close()
+
+    # -- stream to TCP: the connection's own task -------------------------------------
 
     def _mux_to_tcp(self) -> None:
         sock, stream, lock = self._sock, self._stream, self._lock
@@ -110,21 +128,67 @@ class Pipe:
         except OSError as exc:
             self.abort(f"stream->tcp: {exc}")
 
+    # -- TCP to stream: tasks on demand ------------------------------------------------
+
+    def _watch(self) -> None:
+        """Have the next bytes (or EOF) of the TCP side start an upload task."""
+        with self._lock:
+            if self._failed or self._up_done:
+                return
+            self._launches = [launch for launch in self._launches if launch.is_alive()]
+            try:
+                launch = self._launcher.when_readable(
+                    self._sock, self._tcp_to_mux, f"pysmux-tunnel-up-{self._label}", self._no_task
+                )
+            except (OSError, ValueError, RuntimeError) as exc:
+                error: BaseException | None = exc
+            else:
+                self._launches.append(launch)
+                return
+        self.abort(f"cannot watch the TCP side: {error!r}")
+
+    def _no_task(self, exc: BaseException) -> None:
+        """No upload task could start (out of threads): give up this connection only."""
+        self.abort(f"cannot start a task: {exc!r}")
+
     def _tcp_to_mux(self) -> None:
-        sock, stream = self._sock, self._stream
+        """An upload task: copy while bytes keep coming, then hand back to the watch."""
+        sock, stream, rt = self._sock, self._stream, self._rt
         try:
-            for data in chunks(sock):
+            while rt.wait_readable(sock, UP_IDLE_SECONDS):
+                data = sock.recv(BUFSIZE)
+                if not data:
+                    self._tcp_eof()
+                    return
                 stream.sendall(data)
                 self.bytes_up += len(data)
-            with self._lock:
-                if self._failed:  # the b"" came from abort() waking us: not an EOF
-                    return
-            stream.shutdown(socket.SHUT_WR)
+            self._watch()
         except OSError as exc:
             self.abort(f"tcp->stream: {exc}")
         except Exception as exc:  # a bug: never leave the other direction hanging
             log.exception("%s: tcp->stream failed", self._label)
             self.abort(f"tcp->stream: {exc!r}")
+
+    def _tcp_eof(self) -> None:
+        with self._lock:
+            if self._failed:  # the b"" came from abort() waking us: not an EOF
+                return
+        self._stream.shutdown(socket.SHUT_WR)
+        with self._lock:
+            self._up_done = True
+            self._cond.notify_all()
+
+    def _wait_up(self) -> None:
+        """Wait until the upload direction is done (or aborted), then join its tasks."""
+        with self._lock:
+            while not (self._up_done or self._failed):
+                self._cond.wait()
+            launches, self._launches = self._launches, []
+        for launch in launches:
+            launch.cancel()
+            launch.join()
+
+    # -- ending ------------------------------------------------------------------------
 
     def abort(self, why: str = "tunnel closed") -> None:
         """Stop both directions; the TCP side will be reset, the stream closed (FIN)."""
@@ -132,6 +196,7 @@ class Pipe:
             first = not self._failed
             self._failed = True
             sending = self._sending
+            self._cond.notify_all()
         if first:
             log.debug("%s: aborted: %s", self._label, why)
         abort_tcp(self._sock, sending)

@@ -4,8 +4,8 @@
 its own and hands each to the subclass (``_accepted``). It counts every task
 it starts, every mux session it holds and every carried connection, so that
 ``close()`` can end them all and join every task. Everything is bounded:
-``max_conns`` carried connections at once (more are refused at once), two
-tasks per carried connection.
+``max_conns`` carried connections at once (more are refused at once), at most
+two tasks per carried connection (one while it is idle).
 """
 
 from __future__ import annotations
@@ -19,7 +19,7 @@ from collections.abc import Callable, Iterable
 from typing import Any, TypeVar
 
 from ..config import Config
-from ..runtime import Runtime, Task, get_runtime
+from ..runtime import Launcher, Runtime, Task, get_runtime
 from ..session import Session
 from ..stream import Stream
 from .net import (
@@ -118,6 +118,8 @@ class Service:
         # Running totals: the tunnel's own, and those of its sessions that ended.
         self._counts: dict[str, int] = dict.fromkeys(self._COUNTERS, 0)
         self._ended_sessions: dict[str, int] = {}
+        # Starts the upload tasks of carried connections (made with the first one).
+        self._launcher: Launcher | None = None
 
     # -- public --------------------------------------------------------------------
 
@@ -274,6 +276,8 @@ class Service:
             ended, self._ended = self._ended, []
         for task in ended:
             task.join(max(0.0, deadline - rt.monotonic()))
+        if self._launcher is not None:
+            self._launcher.close()
         if stuck:  # pragma: no cover - a task ignoring every wake-up
             log.warning("%s: %d task(s) still running after close()", type(self).__name__, stuck)
         if listener is not None:
@@ -477,7 +481,15 @@ class Service:
 
     def _carry(self, sock: Any, stream: Stream, label: str) -> None:
         """Copy between ``sock`` and ``stream`` until both are done (or aborted)."""
-        pipe = Pipe(self._rt, sock, stream, label)
+        with self._lock:
+            if self._launcher is None and not self._closed:
+                self._launcher = self._rt.launcher()
+            launcher = self._launcher
+        if launcher is None:  # closed before the first connection
+            reset_and_close(sock)
+            stream.close()
+            return
+        pipe = Pipe(self._rt, launcher, sock, stream, label)
         token = self._track(pipe.abort)
         if token is None:
             pipe.abort()
