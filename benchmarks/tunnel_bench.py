@@ -416,12 +416,16 @@ class Process:
         return pid
 
     def status(self) -> dict[str, int]:
-        """RSS (KiB) and threads now, from /proc/PID/status."""
+        """RSS (KiB) and threads now, from /proc/PID/status; CPU so far (ms), from
+        /proc/PID/stat."""
         out: dict[str, int] = {}
         for line in Path(f"/proc/{self.pid}/status").read_text().splitlines():
             key, _, value = line.partition(":")
             if key in ("VmRSS", "Threads"):
                 out[key] = int(value.split()[0])
+        fields = Path(f"/proc/{self.pid}/stat").read_text().rsplit(")", 1)[1].split()
+        ticks = int(fields[11]) + int(fields[12])  # utime + stime
+        out["cpu_ms"] = ticks * 1000 // os.sysconf("SC_CLK_TCK")
         return out
 
     def errors(self) -> str:
@@ -576,6 +580,7 @@ def scale_once(row: Row, count: int, args: argparse.Namespace, settings: Setting
                 memory[f"{p.name}_rss"] = now.get("VmRSS", 0)
                 memory[f"{p.name}_idle_rss"] = idle[p.name].get("VmRSS", 0)
                 memory[f"{p.name}_threads"] = now.get("Threads", 0)
+                memory[f"{p.name}_cpu_ms"] = now["cpu_ms"] - idle[p.name]["cpu_ms"]
             _, err = driver.communicate("\n", timeout=120)
         finally:
             if driver.poll() is None:
@@ -587,11 +592,7 @@ def scale_once(row: Row, count: int, args: argparse.Namespace, settings: Setting
         for p in tunnel:
             if p.proc.poll() is not None:
                 raise RuntimeError(f"{p.name} ended: {p.errors()}")
-    result = Result(out["seconds"], errors=out["errors"], why="; ".join(out["why"]), memory=memory)
-    for p in tunnel:
-        if p.usage is not None:
-            memory[f"{p.name}_cpu_ms"] = round(p.usage.cpu * 1000)
-    return result
+    return Result(out["seconds"], errors=out["errors"], why="; ".join(out["why"]), memory=memory)
 
 
 def keep_best(old: Result | None, new: Result, higher_is_better: bool) -> Result:
@@ -766,8 +767,8 @@ def print_scale(rows: list[Row], results: Results, counts: list[int]) -> None:
             )
     table(head, lines)
     print("time: until every connection has echoed once; RSS and threads while all are open;")
-    print("KiB/conn: RSS growth from the idle tunnel, divided by the connections. CPU: each")
-    print("tunnel process over its life, start-up and closing included. 'vs Go' is the ratio")
+    print("KiB/conn: RSS growth from the idle tunnel, divided by the connections. CPU: what")
+    print("each tunnel process spent from idle until all had echoed. 'vs Go' is the ratio")
     print("to the Go tunnel of the same version (above 1: slower, or more memory).")
     print()
 

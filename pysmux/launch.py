@@ -71,6 +71,8 @@ class EpollLauncher:
     returns, the task either runs (and can be joined) or never will.
     """
 
+    linger = 0.5
+
     def __init__(self, rt: ThreadRuntime) -> None:
         self._rt = rt
         self._lock = threading.Lock()
@@ -149,6 +151,8 @@ class WaitingLauncher:
 
     #: How often a waiting task looks whether it was cancelled.
     _STEP = 0.5
+
+    linger = 0.5
 
     def __init__(self, rt: ThreadRuntime) -> None:
         self._rt = rt
@@ -233,6 +237,8 @@ class _GeventLaunch:
 class GeventLauncher:
     """Hub I/O watchers: a watched socket costs a watcher, not a greenlet. Everything
     runs in the hub's thread, so there is nothing to lock."""
+
+    linger = 0.0
 
     def __init__(self, rt: GeventRuntime, loop: Any) -> None:
         self._rt = rt

@@ -129,6 +129,11 @@ class Launcher(Protocol):
     def close(self) -> None:
         """Start nothing more; end the launcher's own task, if it has one."""
 
+    #: How long a task it started should wait for more input before it ends and the
+    #: socket is watched again: long where a task start costs much (a thread), zero
+    #: where it costs less than a timed wait (a greenlet).
+    linger: float
+
 
 class Runtime(Protocol):
     """What a session needs from its concurrency model."""
@@ -226,12 +231,11 @@ class ThreadRuntime:
 
     def wait_readable(self, sock: Any, timeout: float) -> bool:
         """Wait up to ``timeout`` seconds until ``sock`` has bytes, EOF or an error."""
+        if gevent_patched():  # threads are greenlets; poll is gone, select stops at fd 1023
+            return get_runtime("gevent").wait_readable(sock, timeout)
         wait = bounded_wait(timeout)
         assert wait is not None
-        poll = getattr(select, "poll", None)  # gone in a monkey-patched process
-        if poll is None:
-            return bool(select.select([sock], [], [], wait)[0])
-        poller = poll()
+        poller = select.poll()
         poller.register(sock.fileno(), select.POLLIN)
         return bool(poller.poll(math.ceil(wait * 1000)))
 
@@ -322,6 +326,7 @@ class GeventRuntime:
         import gevent
         import gevent.lock
         import gevent.socket
+        from gevent.monkey import get_original
 
         self._gevent = gevent
         self._semaphore = gevent.lock.Semaphore
@@ -330,6 +335,8 @@ class GeventRuntime:
         self._socket_type = gevent.socket.socket
         self._wait_write = gevent.socket.wait_write
         self._wait_read = gevent.socket.wait_read
+        # The OS's poll even when monkey-patched: select() fails above fd 1023.
+        self._os_poll = get_original("select", "poll")
 
     def lock(self) -> Lock:
         lock: Lock = self._bounded(1)
@@ -379,6 +386,10 @@ class GeventRuntime:
     def wait_readable(self, sock: Any, timeout: float) -> bool:
         """Wait cooperatively up to ``timeout`` seconds until ``sock`` has bytes, EOF
         or an error."""
+        if timeout <= 0:  # a look, not a wait: no watcher, no switch to the hub
+            poller = self._os_poll()
+            poller.register(sock.fileno(), select.POLLIN)
+            return bool(poller.poll(0))
         try:
             self._wait_read(sock.fileno(), timeout=bounded_wait(timeout))
         except TimeoutError:

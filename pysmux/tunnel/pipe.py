@@ -5,8 +5,8 @@ What a carried connection gets:
 * a task that copies stream to TCP for the whole connection, and a task that
   copies TCP to stream only while bytes arrive: the socket is watched (the
   runtime's :class:`~pysmux.runtime.Launcher`) and a task starts once it is
-  readable; after ``UP_IDLE_SECONDS`` with nothing to read it ends and the
-  socket is watched again. An idle connection costs one task, not two;
+  readable; once nothing more arrives within the launcher's ``linger`` it ends
+  and the socket is watched again. An idle connection costs one task, not two;
 * half-close in both directions: EOF from the TCP side becomes
   ``stream.shutdown(SHUT_WR)`` (a FIN), EOF of the stream becomes
   ``sock.shutdown(SHUT_WR)``, and the other direction carries on;
@@ -30,16 +30,12 @@ from ..runtime import Launch, Launcher, Runtime
 from ..stream import Stream
 from .net import abort_tcp, reset_and_close
 
-__all__ = ["BUFSIZE", "UP_IDLE_SECONDS", "Pipe", "chunks"]
+__all__ = ["BUFSIZE", "Pipe", "chunks"]
 
 log = logging.getLogger("pysmux.tunnel")
 
 #: Bytes read from a TCP socket or a stream at once (two frames at the default max_frame_size).
 BUFSIZE = 65536
-#: An upload task that has had nothing to read for this long ends; the next bytes
-#: start another. Long enough that a busy connection keeps its task, short enough
-#: that thousands of idle ones do not hold one each.
-UP_IDLE_SECONDS = 0.5
 
 
 def chunks(source: Any) -> Iterator[bytes]:
@@ -96,6 +92,8 @@ class Pipe:
 
     def run(self) -> None:
         try:
+            if self._rt.wait_readable(self._sock, 0) and not self._upload_first():
+                return  # aborted: ``finally`` ends both directions
             self._watch()
             self._mux_to_tcp()
         except BaseException as exc:  # not an OSError: a bug, or the task being killed
@@ -151,17 +149,36 @@ class Pipe:
         """No upload task could start (out of threads): give up this connection only."""
         self.abort(f"cannot start a task: {exc!r}")
 
-    def _tcp_to_mux(self) -> None:
-        """An upload task: copy while bytes keep coming, then hand back to the watch."""
-        sock, stream, rt = self._sock, self._stream, self._rt
+    def _upload_first(self) -> bool:
+        """Carry the bytes that are already waiting in this task (most clients speak
+        first: a request, a TLS hello), saving a task start; False if it failed."""
         try:
-            while rt.wait_readable(sock, UP_IDLE_SECONDS):
+            data = self._sock.recv(BUFSIZE)
+            if not data:
+                self._tcp_eof()
+                return True
+            self._stream.sendall(data)
+            self.bytes_up += len(data)
+        except OSError as exc:
+            self.abort(f"tcp->stream: {exc}")
+            return False
+        return True
+
+    def _tcp_to_mux(self) -> None:
+        """An upload task (started once the socket is readable): copy while bytes keep
+        coming, then hand back to the watch."""
+        sock, stream, rt = self._sock, self._stream, self._rt
+        linger = self._launcher.linger
+        try:
+            while True:
                 data = sock.recv(BUFSIZE)
                 if not data:
                     self._tcp_eof()
                     return
                 stream.sendall(data)
                 self.bytes_up += len(data)
+                if not rt.wait_readable(sock, linger):
+                    break
             self._watch()
         except OSError as exc:
             self.abort(f"tcp->stream: {exc}")
