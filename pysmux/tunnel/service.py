@@ -455,7 +455,10 @@ class Service:
                 if exc.errno not in TRANSIENT_ACCEPT_ERRORS:
                     # EMFILE and friends: the process is short of something; the
                     # connections already carried go on, new ones wait a moment.
-                    log.error("accept on %s failed: %s", format_address(self.address), exc)
+                    hint = ""
+                    if exc.errno in (errno.EMFILE, errno.ENFILE):
+                        hint = " (raise the open-file limit, ulimit -n, or lower max_conns)"
+                    log.error("accept on %s failed: %s%s", format_address(self.address), exc, hint)
                     if self._pause(_ACCEPT_ERROR_PAUSE):
                         return
                 continue
