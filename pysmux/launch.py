@@ -55,13 +55,15 @@ class _ThreadLaunch:
         self._launcher.cancel(self)
 
     def join(self, timeout: float | None = None) -> None:
-        if self.task is not None:
-            self.task.join(timeout)
+        with self._launcher.lock:  # a task being started is assigned under it
+            task = self.task
+        if task is not None:
+            task.join(timeout)
 
     def is_alive(self) -> bool:
-        if self.task is None:
-            return not self.cancelled
-        return self.task.is_alive()
+        with self._launcher.lock:
+            task, cancelled = self.task, self.cancelled
+        return not cancelled if task is None else task.is_alive()
 
 
 class EpollLauncher:
@@ -75,7 +77,7 @@ class EpollLauncher:
 
     def __init__(self, rt: ThreadRuntime) -> None:
         self._rt = rt
-        self._lock = threading.Lock()
+        self.lock = threading.Lock()
         self._epoll = select.epoll()
         self._wake_fd = os.eventfd(0, os.EFD_NONBLOCK | os.EFD_CLOEXEC)
         self._epoll.register(self._wake_fd, select.EPOLLIN)
@@ -92,7 +94,7 @@ class EpollLauncher:
     ) -> Launch:
         fd = sock.fileno()
         launch = _ThreadLaunch(self, fd, target, name, on_error)
-        with self._lock:
+        with self.lock:
             if self._closed:
                 raise RuntimeError("the launcher is closed")
             mask = select.EPOLLIN | select.EPOLLONESHOT
@@ -104,7 +106,7 @@ class EpollLauncher:
         return launch
 
     def cancel(self, launch: _ThreadLaunch) -> None:
-        with self._lock:
+        with self.lock:
             launch.cancelled = True
             if self._pending.get(launch.fd) is launch:
                 del self._pending[launch.fd]
@@ -115,7 +117,7 @@ class EpollLauncher:
         while True:
             failed: list[tuple[_ThreadLaunch, BaseException]] = []
             events = self._epoll.poll()
-            with self._lock:
+            with self.lock:
                 if self._closed:
                     return
                 for fd, _ in events:
@@ -134,7 +136,7 @@ class EpollLauncher:
                     log.exception("pysmux: launch error handler failed")
 
     def close(self) -> None:
-        with self._lock:
+        with self.lock:
             if self._closed:
                 return
             self._closed = True
@@ -156,7 +158,8 @@ class WaitingLauncher:
 
     def __init__(self, rt: ThreadRuntime) -> None:
         self._rt = rt
-        self._lock = threading.Lock()
+        self.lock = threading.Lock()
+        self._closed = False
 
     def when_readable(
         self,
@@ -165,17 +168,19 @@ class WaitingLauncher:
         name: str,
         on_error: Callable[[BaseException], None],
     ) -> Launch:
+        if self._closed:
+            raise RuntimeError("the launcher is closed")
         launch = _ThreadLaunch(self, sock.fileno(), target, name, on_error)
 
         def wait_then_run() -> None:
-            while not launch.cancelled:
+            while not (launch.cancelled or self._closed):
                 try:
                     ready = self._rt.wait_readable(sock, self._STEP)
                 except (OSError, ValueError):  # closed under us: cancelled
                     return
                 if ready:
-                    with self._lock:
-                        if launch.cancelled:
+                    with self.lock:
+                        if launch.cancelled or self._closed:
                             return
                         launch.cancelled = True  # started: cannot be cancelled now
                     target()
@@ -185,11 +190,12 @@ class WaitingLauncher:
         return launch
 
     def cancel(self, launch: _ThreadLaunch) -> None:
-        with self._lock:
+        with self.lock:
             launch.cancelled = True
 
     def close(self) -> None:
-        pass
+        """Start nothing more; the tasks still waiting end within ``_STEP``."""
+        self._closed = True
 
 
 class _GeventLaunch:
