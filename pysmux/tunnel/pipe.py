@@ -6,7 +6,9 @@ What a carried connection gets:
   copies TCP to stream only while bytes arrive: the socket is watched (the
   runtime's :class:`~pysmux.runtime.Launcher`) and a task starts once it is
   readable; once nothing more arrives within the launcher's ``linger`` it ends
-  and the socket is watched again. An idle connection costs one task, not two;
+  and the socket is watched again. Bytes waiting at the start, and everything
+  after the stream has ended, are carried by the connection's own task. An idle
+  connection costs one task, not two;
 * half-close in both directions: EOF from the TCP side becomes
   ``stream.shutdown(SHUT_WR)`` (a FIN), EOF of the stream becomes
   ``sock.shutdown(SHUT_WR)``, and the other direction carries on;
@@ -51,15 +53,16 @@ class Pipe:
     """Copies between one TCP socket and one stream until both directions are done.
 
     ``run()`` copies stream to TCP in the calling task while upload tasks copy
-    TCP to stream (started by ``launcher`` when the socket is readable); it
+    TCP to stream (started by ``launcher`` when the socket is readable); once
+    the stream has ended it carries the rest of the upload direction itself. It
     returns once both directions are done and every task has been joined, with
     both ends closed. ``abort()`` (thread-safe, idempotent) wakes both
     directions; the TCP side is then closed with a reset.
     """
 
     __slots__ = (
-        "_cond",
         "_failed",
+        "_inline",
         "_label",
         "_launcher",
         "_launches",
@@ -82,8 +85,8 @@ class Pipe:
         self._stream = stream
         self._label = label
         self._lock = rt.lock()
-        self._cond = rt.condition(self._lock)
         self._failed = False
+        self._inline = False  # the connection's own task carries the upload direction
         self._sending = False  # the down task is inside sock.sendall
         self._up_done = False  # TCP EOF passed on as a FIN
         self._launches: list[Launch] = []  # the watch, and upload tasks not yet joined
@@ -96,11 +99,12 @@ class Pipe:
                 return  # aborted: ``finally`` ends both directions
             self._watch()
             self._mux_to_tcp()
+            self._finish_up()
         except BaseException as exc:  # not an OSError: a bug, or the task being killed
             self.abort(f"stream->tcp: {exc!r}")
             raise
         finally:
-            self._wait_up()
+            self._join_up()
             self._close()
 
     # -- stream to TCP: the connection's own task -------------------------------------
@@ -131,7 +135,7 @@ class Pipe:
     def _watch(self) -> None:
         """Have the next bytes (or EOF) of the TCP side start an upload task."""
         with self._lock:
-            if self._failed or self._up_done:
+            if self._failed or self._up_done or self._inline:
                 return
             self._launches = [launch for launch in self._launches if launch.is_alive()]
             try:
@@ -167,8 +171,12 @@ class Pipe:
     def _tcp_to_mux(self) -> None:
         """An upload task (started once the socket is readable): copy while bytes keep
         coming, then hand back to the watch."""
+        self._upload(self._launcher.linger)
+
+    def _upload(self, linger: float | None) -> None:
+        """Copy TCP to stream until EOF, or until nothing arrives within ``linger``
+        seconds (None: wait as long as it takes), then hand back to the watch."""
         sock, stream, rt = self._sock, self._stream, self._rt
-        linger = self._launcher.linger
         try:
             while True:
                 data = sock.recv(BUFSIZE)
@@ -177,7 +185,7 @@ class Pipe:
                     return
                 stream.sendall(data)
                 self.bytes_up += len(data)
-                if not rt.wait_readable(sock, linger):
+                if linger is not None and not rt.wait_readable(sock, linger):
                     break
             self._watch()
         except OSError as exc:
@@ -193,13 +201,21 @@ class Pipe:
         self._stream.shutdown(socket.SHUT_WR)
         with self._lock:
             self._up_done = True
-            self._cond.notify_all()
 
-    def _wait_up(self) -> None:
-        """Wait until the upload direction is done (or aborted), then join its tasks."""
+    def _finish_up(self) -> None:
+        """The download direction is done: this task takes the upload direction over
+        (its last bytes and EOF need no task of their own)."""
+        self._join_up()
         with self._lock:
-            while not (self._up_done or self._failed):
-                self._cond.wait()
+            if self._up_done or self._failed:
+                return
+        self._upload(None)
+
+    def _join_up(self) -> None:
+        """Stop watching, and join every upload task (a running one finishes its
+        burst; it starts no other)."""
+        with self._lock:
+            self._inline = True
             launches, self._launches = self._launches, []
         for launch in launches:
             launch.cancel()
@@ -213,7 +229,6 @@ class Pipe:
             first = not self._failed
             self._failed = True
             sending = self._sending
-            self._cond.notify_all()
         if first:
             log.debug("%s: aborted: %s", self._label, why)
         abort_tcp(self._sock, sending)
