@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import gc
 import hashlib
 import logging
 import os
@@ -33,7 +34,7 @@ import pytest
 import pysmux
 from pysmux.cli import add_smux_options, build_parser, config_from_args
 from pysmux.cli_options import resolve_runtime
-from pysmux.runner import THREAD_STACK, max_conns_for, size_process
+from pysmux.runner import GC_THRESHOLD, THREAD_STACK, max_conns_for, size_process
 from pysmux.tunnel import EchoServer, TunnelClient, TunnelServer, format_address, parse_address
 from tests import runtimes
 from tests.runtimes import Harness, Worker, current
@@ -1106,17 +1107,23 @@ def test_runtime_auto_is_the_services_default(
 @pytest.mark.runtime_independent(reason="sizes this process; nothing starts")
 def test_the_command_sizes_its_process_for_many_connections(runtime: str) -> None:
     """The tunnel commands raise the soft open-file limit to the hard one (as Go programs
-    do) and take --max-conns from it (less a reserve, at most 65,536), and give the thread
-    runtime's threads small stacks."""
+    do) and take --max-conns from it (less a reserve, at most 65,536), give the thread
+    runtime's threads small stacks, and spare the garbage collector the objects of
+    thousands of connections."""
     resource = pytest.importorskip("resource", reason="open-file limits are POSIX")
     soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
     lowered = min(soft, hard) - 1
     resource.setrlimit(resource.RLIMIT_NOFILE, (lowered, hard))
+    threshold = gc.get_threshold()
     try:
         assert size_process("thread") == hard
         assert resource.getrlimit(resource.RLIMIT_NOFILE) == (hard, hard)
         assert threading.stack_size() == THREAD_STACK
+        assert gc.get_threshold() == GC_THRESHOLD
+        assert gc.get_freeze_count() > 0
     finally:
+        gc.unfreeze()
+        gc.set_threshold(*threshold)
         threading.stack_size(0)
         resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))
     assert max_conns_for(1024) == 896
