@@ -240,11 +240,14 @@ class ThreadRuntime:
         return bool(poller.poll(math.ceil(wait * 1000)))
 
     def launcher(self) -> Launcher:
-        """One epoll thread that starts the tasks; in a monkey-patched process (no
-        epoll, threads are greenlets) a task per socket that waits."""
+        """One epoll thread that starts the tasks. In a monkey-patched process threads
+        are greenlets: the hub watches (gevent's launcher). Without epoll (not
+        Linux), a task per socket that waits."""
         from .launch import EpollLauncher, WaitingLauncher
 
-        if hasattr(select, "epoll") and not gevent_patched():
+        if gevent_patched():
+            return get_runtime("gevent").launcher()
+        if hasattr(select, "epoll"):
             return EpollLauncher(self)
         return WaitingLauncher(self)
 

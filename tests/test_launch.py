@@ -9,7 +9,7 @@ from typing import Any
 
 import pytest
 
-from pysmux.launch import EpollLauncher, WaitingLauncher
+from pysmux.launch import EpollLauncher, GeventLauncher, WaitingLauncher
 from pysmux.runtime import Launcher, Task, ThreadRuntime, get_runtime
 from tests import util
 from tests.runtimes import gevent_patched
@@ -56,7 +56,9 @@ def _launch_cycle(launcher: Launcher) -> None:
 def test_launcher_of_the_runtime(runtime: str) -> None:
     """The launcher a tunnel gets from its runtime (epoll thread, or hub watchers)."""
     launcher = get_runtime(runtime).launcher()
-    if runtime == "thread" and hasattr(select, "epoll") and not gevent_patched():
+    if runtime == "gevent" or gevent_patched():
+        assert isinstance(launcher, GeventLauncher)
+    elif hasattr(select, "epoll"):
         assert isinstance(launcher, EpollLauncher)
     _launch_cycle(launcher)
 
@@ -80,7 +82,9 @@ class _NoThreads(ThreadRuntime):
 
 
 @pytest.mark.runtimes("thread", reason="only OS threads run out")
-@pytest.mark.skipif(not hasattr(select, "epoll"), reason="epoll is Linux's")
+@pytest.mark.skipif(
+    not hasattr(select, "epoll"), reason="needs select.epoll: Linux, not monkey-patched"
+)
 def test_epoll_launcher_reports_a_task_it_cannot_start(runtime: str) -> None:
     """Out of threads: the owner hears of it (``on_error``) instead of a task that never
     comes, and the launcher goes on serving the other sockets."""

@@ -12,13 +12,13 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import errno
 import gc
 import hashlib
 import logging
 import os
 import random
 import re
-import select
 import signal
 import socket
 import subprocess
@@ -34,7 +34,9 @@ import pytest
 import pysmux
 from pysmux.cli import add_smux_options, build_parser, config_from_args
 from pysmux.cli_options import resolve_runtime
+from pysmux.launch import WaitingLauncher
 from pysmux.runner import GC_THRESHOLD, THREAD_STACK, max_conns_for, size_process
+from pysmux.runtime import ThreadRuntime, get_runtime
 from pysmux.tunnel import EchoServer, TunnelClient, TunnelServer, format_address, parse_address
 from tests import runtimes
 from tests.runtimes import Harness, Worker, current
@@ -1075,12 +1077,54 @@ def test_tunnel_without_epoll(
     """Where epoll is missing (not Linux), the thread runtime's tunnel watches each
     connection with a waiting task instead: connections still carry data both ways and
     half-close, and close() joins every task."""
-    monkeypatch.delattr(select, "epoll", raising=False)
+    monkeypatch.setattr(ThreadRuntime, "launcher", lambda rt: WaitingLauncher(rt))
     echo = target()
     _, cli = start_pair(runtime, tunnels, echo.address, conn=1)
     echo_many(cli.address, count=4, size=256 * 1024)
     echo.wait_finished(4)
     assert not echo.errors
+
+
+def test_a_connection_the_tunnel_cannot_watch_is_reset(
+    runtime: str,
+    target: Callable[..., TcpTarget],
+    tunnels: list[Any],
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """A client out of descriptors for the watcher of its connections (the epoll) resets
+    the connection it cannot take, so the TCP client sees a reset instead of a hang, logs
+    why, and carries the next connection once it can."""
+    base: Any = type(get_runtime(runtime))
+
+    class Starved(base):  # type: ignore[misc]
+        fails = 1
+
+        def launcher(self) -> Any:
+            if Starved.fails:
+                Starved.fails -= 1
+                raise OSError(errno.EMFILE, "Too many open files")
+            return super().launcher()
+
+    echo = target()
+    srv = TunnelServer("127.0.0.1:0", echo.address, runtime=runtime)
+    tunnels.append(srv)
+    cli = TunnelClient("127.0.0.1:0", srv.start().address, runtime=Starved())
+    tunnels.append(cli)
+    assert cli.start().wait_connected(timeout=10)
+    try:  # the reset may beat the end of connect()
+        sock = connect(cli.address)
+    except ConnectionResetError:
+        pass
+    else:
+        try:
+            _, exc = recv_until_error(sock)
+            assert isinstance(exc, ConnectionResetError), repr(exc)
+        finally:
+            sock.close()
+    assert any("cannot watch connections" in r.getMessage() for r in caplog.records)
+    echo_many(cli.address, count=2, size=64 * 1024)
+    with pytest.raises(TypeError, match="launcher"):
+        TunnelServer("127.0.0.1:0", echo.address, runtime=object())  # type: ignore[arg-type]
 
 
 @pytest.mark.runtime_independent(reason="resolves flags in-process; nothing starts")

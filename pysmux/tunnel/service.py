@@ -98,6 +98,9 @@ class Service:
         self._backlog = backlog
         self._allow = None if allow is None else Allow(allow)
         self._rt = rt = get_runtime(runtime)
+        for need in ("launcher", "wait_readable"):
+            if not callable(getattr(rt, need, None)):
+                raise TypeError(f"runtime {rt!r} has no {need}(), which a tunnel needs")
         self._net = Net(rt)
         self._lock = rt.lock()
         self._cond = rt.condition(self._lock)
@@ -484,11 +487,15 @@ class Service:
 
     def _carry(self, sock: Any, stream: Stream, label: str) -> None:
         """Copy between ``sock`` and ``stream`` until both are done (or aborted)."""
-        with self._lock:
-            if self._launcher is None and not self._closed:
-                self._launcher = self._rt.launcher()
-            launcher = self._launcher
-        if launcher is None:  # closed before the first connection
+        try:
+            with self._lock:
+                if self._launcher is None and not self._closed:
+                    self._launcher = self._rt.launcher()
+                launcher = self._launcher
+        except OSError as exc:  # no descriptor left for an epoll, say: retried next time
+            log.error("%s: reset: cannot watch connections: %s", label, exc)
+            launcher = None
+        if launcher is None:  # or closed before the first connection
             reset_and_close(sock)
             stream.close()
             return
