@@ -35,9 +35,10 @@ Scenarios:
 * ``scale``: for each N of ``--scale``, N connections held open at once (at most
   ``--scale-window`` of them connecting at a time), each echoing 16 bytes once;
   the time until all have echoed, then, while all are still open, each tunnel
-  process's RSS and threads from ``/proc/PID/status``, and the RSS growth per
-  connection. The script raises its own open-file limit (the processes it
-  starts inherit it) up to the hard limit and says so.
+  process's RSS and threads from ``/proc/PID/status``, the RSS growth per
+  connection, and the CPU each spent. It runs the rows that are not mixed
+  pairs, on the first of ``--versions``. The script raises its own open-file
+  limit (the processes it starts inherit it) up to the hard limit and says so.
 
 Every figure is the best of ``--rounds`` rounds; a round runs every row once
 (scale: the round with the best time gives the memory figures). ``--cost``
@@ -87,6 +88,7 @@ ECHO = b"0123456789abcdef"
 SIZE = struct.Struct("<Q")
 STARTUP_SECONDS = 30.0
 ALL_ROWS = ("direct", "go", "thread", "gevent", "default", "py-go", "go-py")
+MIXED = ("py-go", "go-py")
 SPEED = ("download", "parallel", "short")
 
 
@@ -809,6 +811,7 @@ def orchestrate(args: argparse.Namespace) -> int:
             rows = [r for r in rows if "go" not in r.ends()]
         flags = args.pysmux_flags.split()
         settings = Settings(gobin, workdir, args.profile, args.strace, args.timeout, flags)
+        scale_rows = [r for r in rows if r.version == versions[0] and r.name not in MIXED]
         print()
         idle: dict[str, Usage] = {}
         for row in rows if args.cost else []:
@@ -819,7 +822,7 @@ def orchestrate(args: argparse.Namespace) -> int:
             for s in scenarios:
                 for count in counts if s == "scale" else [0]:
                     key = f"scale{count}" if s == "scale" else s
-                    for row in rows:
+                    for row in rows if s != "scale" else scale_rows:
                         say(f"round {round_}: {key}: {row.label} ...")
                         new = measure(row, s, count, args, settings)
                         if new.errors:
@@ -845,7 +848,7 @@ def orchestrate(args: argparse.Namespace) -> int:
     if counts:
         print(f"Scale: N connections held open at once, at most {args.scale_window} connecting.")
         print()
-        print_scale(rows, results, counts)
+        print_scale(scale_rows, results, counts)
     for (label, key), result in results.items():
         if result.errors:
             failed = True
