@@ -17,10 +17,9 @@ import logging
 import os
 import select
 import threading
-from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
-from .runtime import Launch, Task
+from .runtime import Launch, LaunchError, LaunchTarget, Task
 
 if TYPE_CHECKING:
     from .runtime import GeventRuntime, ThreadRuntime
@@ -39,9 +38,9 @@ class _ThreadLaunch:
         self,
         launcher: EpollLauncher | WaitingLauncher,
         fd: int,
-        target: Callable[[], None],
+        target: LaunchTarget,
         name: str,
-        on_error: Callable[[BaseException], None],
+        on_error: LaunchError,
     ) -> None:
         self._launcher = launcher
         self.fd = fd
@@ -86,11 +85,7 @@ class EpollLauncher:
         self._task = rt.spawn(self._run, "pysmux-tunnel-launcher")
 
     def when_readable(
-        self,
-        sock: Any,
-        target: Callable[[], None],
-        name: str,
-        on_error: Callable[[BaseException], None],
+        self, sock: Any, target: LaunchTarget, name: str, on_error: LaunchError
     ) -> Launch:
         fd = sock.fileno()
         launch = _ThreadLaunch(self, fd, target, name, on_error)
@@ -162,11 +157,7 @@ class WaitingLauncher:
         self._closed = False
 
     def when_readable(
-        self,
-        sock: Any,
-        target: Callable[[], None],
-        name: str,
-        on_error: Callable[[BaseException], None],
+        self, sock: Any, target: LaunchTarget, name: str, on_error: LaunchError
     ) -> Launch:
         if self._closed:
             raise RuntimeError("the launcher is closed")
@@ -207,9 +198,9 @@ class _GeventLaunch:
         self,
         rt: GeventRuntime,
         watcher: Any,
-        target: Callable[[], None],
+        target: LaunchTarget,
         name: str,
-        on_error: Callable[[BaseException], None],
+        on_error: LaunchError,
     ) -> None:
         self._rt = rt
         self._watcher: Any = watcher
@@ -252,11 +243,7 @@ class GeventLauncher:
         self._closed = False
 
     def when_readable(
-        self,
-        sock: Any,
-        target: Callable[[], None],
-        name: str,
-        on_error: Callable[[BaseException], None],
+        self, sock: Any, target: LaunchTarget, name: str, on_error: LaunchError
     ) -> Launch:
         if self._closed:
             raise RuntimeError("the launcher is closed")

@@ -22,6 +22,8 @@ __all__ = [
     "MAX_WAIT",
     "GeventRuntime",
     "Launch",
+    "LaunchError",
+    "LaunchTarget",
     "Launcher",
     "Runtime",
     "Task",
@@ -96,6 +98,11 @@ class Condition(_Held, Protocol):
     def notify_all(self) -> None: ...
 
 
+#: What a :class:`Launcher` runs in a new task, and whom it tells if none could start.
+LaunchTarget = Callable[[], None]
+LaunchError = Callable[[BaseException], None]
+
+
 class Launch(Protocol):
     """A task that a :class:`Launcher` starts once a socket is readable (at most once)."""
 
@@ -117,11 +124,7 @@ class Launcher(Protocol):
     """
 
     def when_readable(
-        self,
-        sock: Any,
-        target: Callable[[], None],
-        name: str,
-        on_error: Callable[[BaseException], None],
+        self, sock: Any, target: LaunchTarget, name: str, on_error: LaunchError
     ) -> Launch:
         """Run ``target`` in a new task once ``sock`` is readable (or at EOF, or in
         error). ``on_error(exc)`` is called instead if no task can be started."""
