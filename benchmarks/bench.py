@@ -280,19 +280,19 @@ def go_cmd(binary: str, role: str, mode: str, version: int) -> list[str]:
     return [binary, role, "-mode", mode, "-smuxver", str(version)]
 
 
-def build_go(workdir: str) -> tuple[str | None, str]:
-    """Build gobench offline from Debian's smux source; (binary or None, note)."""
+def build_go(workdir: str, package: str = "gobench") -> tuple[str | None, str]:
+    """Build ``benchmarks/PACKAGE`` offline from Debian's smux source; (binary or None, note)."""
     go = shutil.which("go")
     if go is None:
         return None, "Go skipped: no `go` on PATH (apt-get install golang-go)"
     if not (SMUX_SRC / "session.go").exists():
         return None, f"Go skipped: no {SMUX_SRC} (apt-get install golang-github-xtaci-smux-dev)"
-    binary = os.path.join(workdir, "gobench")
+    binary = os.path.join(workdir, package)
     env = dict(os.environ, GO111MODULE="off", GOPATH=f"{workdir}/gopath:{GOCODE}", GOFLAGS="")
     env.setdefault("GOCACHE", os.path.join(workdir, "gocache"))
     proc = subprocess.run(
         [go, "build", "-o", binary, "."],
-        cwd=HERE / "gobench",
+        cwd=HERE / package,
         env=env,
         capture_output=True,
         text=True,

@@ -29,6 +29,7 @@ import argparse
 import functools
 import logging
 import re
+import socket
 import sys
 from collections.abc import Sequence
 from typing import Any
@@ -44,6 +45,7 @@ from .cli_options import (
     config_from_args,
     positive_int,
     positive_seconds,
+    resolve_runtime,
     seconds,
 )
 from .cli_security import (
@@ -58,7 +60,15 @@ from .config import Config
 from .metrics import MetricsServer
 from .rpc import RpcServer
 from .rpc import command as rpc_command
-from .runner import ProcessSignals, StatsLog, log_stats
+from .runner import (
+    FD_RESERVE,
+    MAX_CONNS_CAP,
+    ProcessSignals,
+    StatsLog,
+    log_stats,
+    max_conns_for,
+    size_process,
+)
 from .tunnel import (
     EchoServer,
     TunnelClient,
@@ -97,15 +107,35 @@ def _add_address(
 _LISTEN = ("-l", "--listen", "--localaddr")
 
 
+#: Commands that carry TCP connections: each holds a descriptor, so --max-conns
+#: follows the open-file limit.
+_CARRIERS = ("server", "client")
+#: --max-conns of the commands that serve streams only.
+_MAX_STREAMS = 4096
+#: Commands that serve until stopped: --runtime auto is their default.
+_SERVICES = ("server", "client", "echo")
+#: Listen backlog of the services: the kernel's cap (net.core.somaxconn), as Go's
+#: listeners have it. A burst of connections beyond the backlog loses SYNs, and
+#: each lost one costs its client a second or more.
+_BACKLOG = socket.SOMAXCONN
+
+
 def _add_tunnel_options(parser: argparse.ArgumentParser, connect_timeout_help: str | None) -> None:
     """The flags of the tunnel subcommands besides -l: --max-conns, --connect-timeout,
-    and those of running in production (--metrics, --stats-interval, --drain-timeout)."""
+    and those of running in production (--metrics, --stats-interval, --drain-timeout).
+    A subcommand with a ``--connect-timeout`` carries TCP connections."""
+    carrier = connect_timeout_help is not None
+    default = (
+        f"the open-file limit less {FD_RESERVE}, at most {MAX_CONNS_CAP}"
+        if carrier
+        else str(_MAX_STREAMS)
+    )
     parser.add_argument(
         "--max-conns",
         type=positive_int,
-        default=4096,
+        default=None if carrier else _MAX_STREAMS,
         metavar="N",
-        help="connections carried at once; more are refused (default: %(default)s)",
+        help=f"connections carried at once; more are refused (default: {default})",
     )
     ops = parser.add_argument_group("production")
     ops.add_argument(
@@ -147,7 +177,7 @@ def _command(
     parser: argparse.ArgumentParser = sub.add_parser(
         name, allow_abbrev=False, help=description, description=description
     )
-    add_smux_options(parser)
+    add_smux_options(parser, runtime="auto" if name in _SERVICES else "thread")
     if not config_file:
         return parser
     parser.add_argument(
@@ -247,6 +277,7 @@ def _service(
             runtime=args.runtime,
             connect_timeout=args.connect_timeout,
             max_conns=args.max_conns,
+            backlog=_BACKLOG,
             **security,
         )
     if args.command == "client":
@@ -260,10 +291,16 @@ def _service(
             max_conns=args.max_conns,
             autoexpire=args.autoexpire or None,
             scavenge_ttl=args.scavengettl,
+            backlog=_BACKLOG,
             **security,
         )
     return EchoServer(
-        args.listen, config=config, runtime=args.runtime, max_conns=args.max_conns, **security
+        args.listen,
+        config=config,
+        runtime=args.runtime,
+        max_conns=args.max_conns,
+        backlog=_BACKLOG,
+        **security,
     )
 
 
@@ -320,12 +357,21 @@ def main(argv: Sequence[str] | None = None) -> int:
         config = config_from_args(args)
     except ValueError as exc:
         command.error(str(exc))
+    args.runtime, why = resolve_runtime(args.runtime)
     if args.runtime == "gevent":
         try:
             import gevent  # noqa: F401
         except ImportError:
             command.error("--runtime gevent needs gevent: pip install 'pysmux[gevent]'")
     role = DIAL if args.command in _DIALLING else CLIENT if args.command == "client" else SERVER
+    if args.command in _SERVICES:
+        log.info("runtime: %s (%s)", args.runtime, why)
+        open_files = size_process(args.runtime)
+        if args.command in _CARRIERS and args.max_conns is None:
+            args.max_conns = max_conns_for(open_files)
+            log.info(
+                "at most %d connections at once (open-file limit %d)", args.max_conns, open_files
+            )
     try:
         security = security_from_args(args, role) if args.command != "demo" else {}
         if args.command not in _TOOLS:

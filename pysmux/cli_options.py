@@ -2,7 +2,8 @@
 
 :func:`add_smux_options` adds the ``smux`` and ``process`` groups to a
 subcommand's parser; :func:`config_from_args` turns them into a
-:class:`~pysmux.Config`. ``address``, ``positive_int``, ``seconds`` and
+:class:`~pysmux.Config` and :func:`resolve_runtime` turns ``--runtime auto``
+into the runtime that runs. ``address``, ``positive_int``, ``seconds`` and
 ``positive_seconds`` are ``type=`` callables for ``add_argument`` that reject
 a bad value with a message argparse shows next to the usage. A subcommand
 declares its own valued flags as a table of :class:`Flag` for :func:`add_flags`.
@@ -29,6 +30,7 @@ __all__ = [
     "config_from_args",
     "positive_int",
     "positive_seconds",
+    "resolve_runtime",
     "seconds",
 ]
 
@@ -156,14 +158,16 @@ _DEFAULTS: dict[str, Any] = {"max_stream_buffer": 2 * 1024 * 1024, "keepalive_ti
 FLAG_OF_FIELD = {"version": "--smuxver", **{f.field: f.flag for f in _SMUX_FLAGS}}
 
 
-def add_smux_options(parser: argparse.ArgumentParser) -> None:
+def add_smux_options(parser: argparse.ArgumentParser, runtime: str = "thread") -> None:
     """Add the flags every subcommand shares to ``parser`` (a subcommand's parser).
 
     The ``smux`` group (``--smuxver``, ``--smuxbuf``, ``--streambuf``,
     ``--framesize``, ``--keepalive``, ``--keepalive-timeout``) and
-    ``--runtime``, ``-q``, ``-v``. :func:`config_from_args` turns the smux
-    flags into a :class:`~pysmux.Config`; ``args.runtime`` is the runtime name
-    and ``args.quiet - args.verbose`` how much less to log.
+    ``--runtime`` (default ``runtime``), ``-q``, ``-v``.
+    :func:`config_from_args` turns the smux flags into a
+    :class:`~pysmux.Config`; ``args.runtime`` is the runtime's name (``auto``
+    until :func:`resolve_runtime`) and ``args.quiet - args.verbose`` how much
+    less to log.
     """
     smux = parser.add_argument_group("smux")
     smux.add_argument(
@@ -185,9 +189,10 @@ def add_smux_options(parser: argparse.ArgumentParser) -> None:
     run = parser.add_argument_group("process")
     run.add_argument(
         "--runtime",
-        choices=("thread", "gevent"),
-        default="thread",
-        help="threads (default) or gevent greenlets (needs gevent installed)",
+        choices=RUNTIME_CHOICES,
+        default=runtime,
+        help="threads, gevent greenlets (needs gevent installed), or auto: gevent if it is "
+        f"installed, else threads (default: {runtime})",
     )
     run.add_argument(
         "-q", "--quiet", action="count", default=0, help="log less (warnings and errors only)"
@@ -199,6 +204,23 @@ def add_smux_options(parser: argparse.ArgumentParser) -> None:
         default=0,
         help="log more: -v the figures every --stats-interval, -vv every connection",
     )
+
+
+#: What ``--runtime`` takes.
+RUNTIME_CHOICES = ("auto", "thread", "gevent")
+
+
+def resolve_runtime(choice: str) -> tuple[str, str]:
+    """The runtime ``--runtime CHOICE`` runs, and why: ``("gevent", "auto: gevent is
+    installed")``. ``auto`` is gevent when it can be imported (thousands of idle
+    connections cost a greenlet each, not a thread), else threads."""
+    if choice != "auto":
+        return choice, f"--runtime {choice}"
+    try:
+        import gevent  # noqa: F401
+    except ImportError as exc:
+        return "thread", f"auto: gevent cannot be imported ({exc})"
+    return "gevent", "auto: gevent is installed"
 
 
 def config_from_args(args: argparse.Namespace) -> Config:

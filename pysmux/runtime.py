@@ -21,6 +21,10 @@ from typing import Any, Protocol
 __all__ = [
     "MAX_WAIT",
     "GeventRuntime",
+    "Launch",
+    "LaunchError",
+    "LaunchTarget",
+    "Launcher",
     "Runtime",
     "Task",
     "ThreadRuntime",
@@ -94,6 +98,46 @@ class Condition(_Held, Protocol):
     def notify_all(self) -> None: ...
 
 
+#: What a :class:`Launcher` runs in a new task, and whom it tells if none could start.
+LaunchTarget = Callable[[], None]
+LaunchError = Callable[[BaseException], None]
+
+
+class Launch(Protocol):
+    """A task that a :class:`Launcher` starts once a socket is readable (at most once)."""
+
+    def cancel(self) -> None:
+        """Never start the task, unless it has started already."""
+
+    def join(self, timeout: float | None = None) -> None:
+        """Wait for the task, if it started."""
+
+    def is_alive(self) -> bool:
+        """True while the task may still start, or runs."""
+
+
+class Launcher(Protocol):
+    """Starts a task for a socket once it is readable, with no task waiting meanwhile.
+
+    A tunnel keeps thousands of mostly idle TCP connections: their upload
+    direction needs a task only while bytes arrive.
+    """
+
+    def when_readable(
+        self, sock: Any, target: LaunchTarget, name: str, on_error: LaunchError
+    ) -> Launch:
+        """Run ``target`` in a new task once ``sock`` is readable (or at EOF, or in
+        error). ``on_error(exc)`` is called instead if no task can be started."""
+
+    def close(self) -> None:
+        """Start nothing more; end the launcher's own task, if it has one."""
+
+    #: How long a task it started should wait for more input before it ends and the
+    #: socket is watched again: long where a task start costs much (a thread), zero
+    #: where it costs less than a timed wait (a greenlet).
+    linger: float
+
+
 class Runtime(Protocol):
     """What a session needs from its concurrency model."""
 
@@ -118,6 +162,10 @@ class Runtime(Protocol):
     def write_waiter(self, sock: Any) -> WriteWaiter | None: ...
 
     def yield_now(self) -> None: ...
+
+    def wait_readable(self, sock: Any, timeout: float) -> bool: ...
+
+    def launcher(self) -> Launcher: ...
 
 
 def _plain(sock: Any) -> bool:
@@ -183,6 +231,28 @@ class ThreadRuntime:
             return bool(poller.poll(math.ceil(wait * 1000)))
 
         return wait_writable
+
+    def wait_readable(self, sock: Any, timeout: float) -> bool:
+        """Wait up to ``timeout`` seconds until ``sock`` has bytes, EOF or an error."""
+        if gevent_patched():  # threads are greenlets; poll is gone, select stops at fd 1023
+            return get_runtime("gevent").wait_readable(sock, timeout)
+        wait = bounded_wait(timeout)
+        assert wait is not None
+        poller = select.poll()
+        poller.register(sock.fileno(), select.POLLIN)
+        return bool(poller.poll(math.ceil(wait * 1000)))
+
+    def launcher(self) -> Launcher:
+        """One epoll thread that starts the tasks. In a monkey-patched process threads
+        are greenlets: the hub watches (gevent's launcher). Without epoll (not
+        Linux), a task per socket that waits."""
+        from .launch import EpollLauncher, WaitingLauncher
+
+        if gevent_patched():
+            return get_runtime("gevent").launcher()
+        if hasattr(select, "epoll"):
+            return EpollLauncher(self)
+        return WaitingLauncher(self)
 
     def check_transport(self, sock: object) -> None:
         """A gevent socket works on threads only when threads are greenlets (patched)."""
@@ -262,6 +332,7 @@ class GeventRuntime:
         import gevent
         import gevent.lock
         import gevent.socket
+        from gevent.monkey import get_original
 
         self._gevent = gevent
         self._semaphore = gevent.lock.Semaphore
@@ -269,6 +340,9 @@ class GeventRuntime:
         self._gsocket = gevent.socket
         self._socket_type = gevent.socket.socket
         self._wait_write = gevent.socket.wait_write
+        self._wait_read = gevent.socket.wait_read
+        # The OS's poll even when monkey-patched: select() fails above fd 1023.
+        self._os_poll = get_original("select", "poll")
 
     def lock(self) -> Lock:
         lock: Lock = self._bounded(1)
@@ -314,6 +388,25 @@ class GeventRuntime:
             return True
 
         return wait_writable
+
+    def wait_readable(self, sock: Any, timeout: float) -> bool:
+        """Wait cooperatively up to ``timeout`` seconds until ``sock`` has bytes, EOF
+        or an error."""
+        if timeout <= 0:  # a look, not a wait: no watcher, no switch to the hub
+            poller = self._os_poll()
+            poller.register(sock.fileno(), select.POLLIN)
+            return bool(poller.poll(0))
+        try:
+            self._wait_read(sock.fileno(), timeout=bounded_wait(timeout))
+        except TimeoutError:
+            return False
+        return True
+
+    def launcher(self) -> Launcher:
+        """An I/O watcher of the hub per socket: no greenlet waits meanwhile."""
+        from .launch import GeventLauncher
+
+        return GeventLauncher(self, self._gevent.get_hub().loop)
 
     def check_transport(self, sock: object) -> None:
         """A blocking OS socket would freeze every greenlet: refuse it."""

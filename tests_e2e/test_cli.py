@@ -12,6 +12,8 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import errno
+import gc
 import hashlib
 import logging
 import os
@@ -21,6 +23,7 @@ import signal
 import socket
 import subprocess
 import sys
+import threading
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -29,8 +32,13 @@ from typing import Any
 import pytest
 
 import pysmux
-from pysmux.cli import add_smux_options, config_from_args
+from pysmux.cli import add_smux_options, build_parser, config_from_args
+from pysmux.cli_options import resolve_runtime
+from pysmux.launch import WaitingLauncher
+from pysmux.runner import GC_THRESHOLD, THREAD_STACK, max_conns_for, size_process
+from pysmux.runtime import ThreadRuntime, get_runtime
 from pysmux.tunnel import EchoServer, TunnelClient, TunnelServer, format_address, parse_address
+from tests import runtimes
 from tests.runtimes import Harness, Worker, current
 from tests.util import unread_bytes
 from tests_e2e.peers import recv_until_error
@@ -633,9 +641,10 @@ class Cli:
     sure the child is gone and reaped and every pipe and reader task closed.
     """
 
-    def __init__(self, *args: str) -> None:
+    def __init__(self, *args: str, path: str | None = None) -> None:
         env = dict(os.environ)
-        env["PYTHONPATH"] = os.pathsep.join(p for p in (str(REPO), env.get("PYTHONPATH")) if p)
+        paths = (path, str(REPO), env.get("PYTHONPATH"))  # ``path`` first: it can hide modules
+        env["PYTHONPATH"] = os.pathsep.join(p for p in paths if p)
         self.argv = [sys.executable, "-W", "error::ResourceWarning", "-m", "pysmux", *args]
         self.proc = subprocess.Popen(
             self.argv,
@@ -749,8 +758,8 @@ def cli() -> Iterator[Callable[..., Cli]]:
     """Start ``python -m pysmux`` children; all killed (if need be) and reaped after."""
     procs: list[Cli] = []
 
-    def start(*args: str) -> Cli:
-        p = Cli(*args)
+    def start(*args: str, path: str | None = None) -> Cli:
+        p = Cli(*args, path=path)
         procs.append(p)
         return p
 
@@ -987,3 +996,217 @@ def test_waits_too_long_for_the_os_are_refused(runtime: str) -> None:
         with pytest.raises(argparse.ArgumentError, match="at most"):
             parser.parse_args([flag, "1e10"])
     assert config_from_args(parser.parse_args(["--keepalive", "1e6"])).keepalive_timeout == 3e6
+
+
+# ---------------------------------------------------------------------------
+# scale: hundreds of connections, and the command's defaults for thousands
+
+#: Connections held open at once by the scale tests: with the target and the two
+#: tunnel ends in this process, about four descriptors each, past 1,023 (where
+#: ``select()`` stops working).
+HELD = 300
+
+
+@pytest.fixture
+def open_files() -> Iterator[int]:
+    """Raise this process's soft open-file limit for ``HELD`` connections (restored after)."""
+    resource = pytest.importorskip("resource", reason="open-file limits are POSIX")
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    want = HELD * 4 + 256
+    if hard != resource.RLIM_INFINITY and hard < want:
+        pytest.skip(f"the hard open-file limit ({hard}) is below the {want} this test needs")
+    resource.setrlimit(resource.RLIMIT_NOFILE, (max(soft, want), hard))
+    try:
+        yield want
+    finally:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))
+
+
+def upload_tasks() -> int:
+    """Upload tasks of carried connections alive now, in this process."""
+    prefix = "pysmux-tunnel-up-"
+    threads = sum(1 for t in threading.enumerate() if t.name.startswith(prefix))
+    greenlets = [g for g in runtimes.live_greenlets() if getattr(g, "name", "")]
+    return threads + sum(1 for g in greenlets if g.name.startswith(prefix))
+
+
+@VERSIONS
+def test_hundreds_of_connections_held_open_cost_one_task_each(
+    runtime: str,
+    version: int,
+    target: Callable[..., TcpTarget],
+    tunnels: list[Any],
+    open_files: int,
+) -> None:
+    """A crawler or an office keeps hundreds of TCP connections open through one tunnel: 300
+    connections each echo a message and stay open. Once they are idle neither end holds an
+    upload task for any of them (an idle connection costs one task, not two), each echoes
+    again (its next bytes start a task), and closing them all ends every carried
+    connection cleanly."""
+    echo = target()
+    srv, cli = start_pair(runtime, tunnels, echo.address, version=version, conn=1)
+    socks: list[Any] = []
+    try:
+        for i in range(HELD):
+            sock = connect(cli.address)
+            socks.append(sock)
+            sock.sendall(b"hello %05d" % i)
+            assert recv_exactly(sock, 11) == b"hello %05d" % i
+        assert cli.connections == HELD and srv.connections == HELD
+        wait_until(lambda: upload_tasks() == 0, 20, "idle connections hold no upload task")
+        for i, sock in enumerate(socks):  # all sent before any is read: all busy at once
+            sock.sendall(b"again %05d" % i)
+        for i, sock in enumerate(socks):
+            assert recv_exactly(sock, 11) == b"again %05d" % i
+    finally:
+        for sock in socks:
+            sock.close()
+    wait_until(lambda: cli.connections == 0 and srv.connections == 0, 30, "connections ended")
+    echo.wait_finished(HELD)
+    assert not echo.errors
+    assert srv.stats()["connections_carried"] == HELD
+
+
+@pytest.mark.runtimes("thread", reason="the fallback launcher serves threads only")
+def test_tunnel_without_epoll(
+    runtime: str,
+    target: Callable[..., TcpTarget],
+    tunnels: list[Any],
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Where epoll is missing (not Linux), the thread runtime's tunnel watches each
+    connection with a waiting task instead: connections still carry data both ways and
+    half-close, and close() joins every task."""
+    monkeypatch.setattr(ThreadRuntime, "launcher", lambda rt: WaitingLauncher(rt))
+    echo = target()
+    _, cli = start_pair(runtime, tunnels, echo.address, conn=1)
+    echo_many(cli.address, count=4, size=256 * 1024)
+    echo.wait_finished(4)
+    assert not echo.errors
+
+
+def test_a_connection_the_tunnel_cannot_watch_is_reset(
+    runtime: str,
+    target: Callable[..., TcpTarget],
+    tunnels: list[Any],
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """A client out of descriptors for the watcher of its connections (the epoll) resets
+    the connection it cannot take, so the TCP client sees a reset instead of a hang, logs
+    why, and carries the next connection once it can."""
+    base: Any = type(get_runtime(runtime))
+
+    class Starved(base):  # type: ignore[misc]
+        fails = 1
+
+        def launcher(self) -> Any:
+            if Starved.fails:
+                Starved.fails -= 1
+                raise OSError(errno.EMFILE, "Too many open files")
+            return super().launcher()
+
+    echo = target()
+    srv = TunnelServer("127.0.0.1:0", echo.address, runtime=runtime)
+    tunnels.append(srv)
+    cli = TunnelClient("127.0.0.1:0", srv.start().address, runtime=Starved())
+    tunnels.append(cli)
+    assert cli.start().wait_connected(timeout=10)
+    try:  # the reset may beat the end of connect()
+        sock = connect(cli.address)
+    except ConnectionResetError:
+        pass
+    else:
+        try:
+            _, exc = recv_until_error(sock)
+            assert isinstance(exc, ConnectionResetError), repr(exc)
+        finally:
+            sock.close()
+    assert any("cannot watch connections" in r.getMessage() for r in caplog.records)
+    echo_many(cli.address, count=2, size=64 * 1024)
+    with pytest.raises(TypeError, match="launcher"):
+        TunnelServer("127.0.0.1:0", echo.address, runtime=object())  # type: ignore[arg-type]
+
+
+@pytest.mark.runtime_independent(reason="resolves flags in-process; nothing starts")
+def test_runtime_auto_is_the_services_default(
+    runtime: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """``--runtime auto`` is the default of the commands that serve (server, client, echo):
+    gevent when it can be imported, else threads, with the reason; an explicit choice is
+    kept. The tools keep threads unless told."""
+    parser = build_parser()
+    for command in (["server", "-t", "h:1"], ["client", "-r", "h:1"], ["echo"]):
+        assert parser.parse_args(command).runtime == "auto"
+    for command in (["rpc"], ["demo"]):
+        assert parser.parse_args(command).runtime == "thread"
+    assert resolve_runtime("thread") == ("thread", "--runtime thread")
+    assert resolve_runtime("gevent") == ("gevent", "--runtime gevent")
+    if runtimes.gevent_available():
+        assert resolve_runtime("auto") == ("gevent", "auto: gevent is installed")
+    monkeypatch.setitem(sys.modules, "gevent", None)  # what a missing gevent looks like
+    name, why = resolve_runtime("auto")
+    assert name == "thread" and why.startswith("auto: gevent cannot be imported"), why
+
+
+@pytest.mark.runtime_independent(reason="sizes this process; nothing starts")
+def test_the_command_sizes_its_process_for_many_connections(runtime: str) -> None:
+    """The tunnel commands raise the soft open-file limit to the hard one (as Go programs
+    do) and take --max-conns from it (less a reserve, at most 65,536), give the thread
+    runtime's threads small stacks, and spare the garbage collector the objects of
+    thousands of connections."""
+    resource = pytest.importorskip("resource", reason="open-file limits are POSIX")
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    lowered = min(soft, hard) - 1
+    resource.setrlimit(resource.RLIMIT_NOFILE, (lowered, hard))
+    threshold = gc.get_threshold()
+    try:
+        assert size_process("thread") == hard
+        assert resource.getrlimit(resource.RLIMIT_NOFILE) == (hard, hard)
+        assert threading.stack_size() == THREAD_STACK
+        assert gc.get_threshold() == GC_THRESHOLD
+        assert gc.get_freeze_count() > 0
+    finally:
+        gc.unfreeze()
+        gc.set_threshold(*threshold)
+        threading.stack_size(0)
+        resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))
+    assert max_conns_for(1024) == 896
+    assert max_conns_for(20_000) == 19_872
+    assert max_conns_for(1 << 20) == 65_536
+    assert max_conns_for(100) == 1
+
+
+@CHILD
+def test_cli_says_which_runtime_runs(
+    runtime: str, cli: Callable[..., Cli], target: Callable[..., TcpTarget], tmp_path: Path
+) -> None:
+    """A user who starts the tunnel without ``--runtime`` reads in its log which runtime
+    runs and why (gevent when installed; threads when gevent cannot be imported) and how
+    many connections it takes at once; either way the tunnel carries data."""
+    echo = target()
+    hidden = tmp_path / "no-gevent"
+    (hidden / "gevent").mkdir(parents=True)
+    (hidden / "gevent" / "__init__.py").write_text("raise ImportError('hidden by the test')\n")
+    expected = "gevent" if runtimes.gevent_available() else "thread"
+    for path, name, why in [
+        (None, expected, "auto: gevent is installed" if expected == "gevent" else "auto: "),
+        (str(hidden), "thread", "auto: gevent cannot be imported (hidden by the test)"),
+    ]:
+        server = cli("server", "-l", "127.0.0.1:0", "-t", addr_arg(echo.address), path=path)
+        client = cli("client", "-l", "127.0.0.1:0", "-r", addr_arg(server.address()), path=path)
+        caddr = client.address()
+        for end in (server, client):
+            line = end.wait_lines(r"runtime: (\S+) \((.*)\)$", stderr=True)[0]
+            assert line.group(1) == name and line.group(2).startswith(why), end.describe()
+            limit = end.wait_lines(r"at most (\d+) connections at once \(open-file limit (\d+)\)",
+                                   stderr=True)[0]  # fmt: skip
+            assert int(limit.group(1)) == max_conns_for(int(limit.group(2))), end.describe()
+        echo_many(caddr, count=2, size=64 * 1024)
+        client.assert_clean_exit(signal.SIGTERM)
+        server.assert_clean_exit(signal.SIGTERM)
+    explicit = cli("echo", "-l", "127.0.0.1:0", "--runtime", "thread")
+    explicit.address()  # listening: a signal from now on is graceful
+    explicit.wait_lines(r"runtime: thread \(--runtime thread\)$", stderr=True)
+    explicit.assert_clean_exit(signal.SIGTERM)
+    echo.wait_finished(4)
+    assert not echo.errors

@@ -24,8 +24,9 @@ end can be a Go program that does the same. Both ends must use the same
 
 What each carried connection gets:
 
-* two copy tasks (threads, or greenlets with ``runtime="gevent"``): TCP to
-  stream and stream to TCP, ended and joined when the connection ends;
+* a copy task (a thread, or a greenlet with ``runtime="gevent"``) from stream
+  to TCP, and one from TCP to stream only while bytes arrive: an idle
+  connection holds one task. Every task is joined when the connection ends;
 * half-close in both directions: EOF from the TCP side becomes
   ``stream.shutdown(SHUT_WR)`` (a FIN), EOF of the stream becomes
   ``sock.shutdown(SHUT_WR)``, and the other direction carries on;
@@ -37,8 +38,8 @@ What each carried connection gets:
   so across the mux a failure travels as a FIN.
 
 Everything is bounded: ``max_conns`` carried connections at once (more are
-refused at once: a TCP connection is reset, a stream closed), two tasks per
-connection, ``max_sessions`` mux connections on a server. ``close()`` closes
+refused at once: a TCP connection is reset, a stream closed), at most two tasks
+per connection, ``max_sessions`` mux connections on a server. ``close()`` closes
 the listener, then every mux session (so the peer sees its streams reset, not
 end), then aborts every connection, and joins every task it started.
 

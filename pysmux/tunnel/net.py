@@ -84,6 +84,7 @@ class Net:
 
     def __init__(self, rt: Runtime) -> None:
         self._module = rt.socket_module()
+        self._numeric: dict[Address, list[tuple[int, Any]]] = {}  # parsed once
 
     def socket(self, family: int) -> Any:
         return self._module.socket(family, socket.SOCK_STREAM)
@@ -93,14 +94,21 @@ class Net:
         host, port = addr
         if not host and passive:
             return [(socket.AF_INET, ("0.0.0.0", port))]
+        known = self._numeric.get(addr)
+        if known is not None:
+            return known
         try:
             ip = ipaddress.ip_address(host)
         except ValueError:
             pass
         else:
             if ip.version == 6:
-                return [(socket.AF_INET6, (host, port, 0, 0))]
-            return [(socket.AF_INET, (host, port))]
+                known = [(socket.AF_INET6, (host, port, 0, 0))]
+            else:
+                known = [(socket.AF_INET, (host, port))]
+            if len(self._numeric) < 64:  # a tunnel dials a target or two
+                self._numeric[addr] = known
+            return known
         flags = socket.AI_PASSIVE if passive else 0
         infos = self._module.getaddrinfo(host, port, 0, socket.SOCK_STREAM, 0, flags)
         return [(info[0], info[4]) for info in infos]

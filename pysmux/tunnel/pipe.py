@@ -1,9 +1,14 @@
-"""One TCP connection carried by one stream: a copy task per direction.
+"""One TCP connection carried by one stream: a task per direction, the upload one on demand.
 
 What a carried connection gets:
 
-* two copy tasks (threads, or greenlets with ``runtime="gevent"``): TCP to
-  stream and stream to TCP, ended and joined when the connection ends;
+* a task that copies stream to TCP for the whole connection, and a task that
+  copies TCP to stream only while bytes arrive: the socket is watched (the
+  runtime's :class:`~pysmux.runtime.Launcher`) and a task starts once it is
+  readable; once nothing more arrives within the launcher's ``linger`` it ends
+  and the socket is watched again. Bytes waiting at the start, and everything
+  after the stream has ended, are carried by the connection's own task. An idle
+  connection costs one task, not two;
 * half-close in both directions: EOF from the TCP side becomes
   ``stream.shutdown(SHUT_WR)`` (a FIN), EOF of the stream becomes
   ``sock.shutdown(SHUT_WR)``, and the other direction carries on;
@@ -11,6 +16,8 @@ What a carried connection gets:
   aborts both directions and resets the TCP side (:func:`.net.abort_tcp`): a
   connection cut short is not shown to a TCP peer as a clean EOF. smux has no
   stream reset, so across the mux a failure travels as a FIN.
+
+Every task the pipe starts is joined before ``run()`` returns.
 """
 
 from __future__ import annotations
@@ -21,7 +28,7 @@ import socket
 from collections.abc import Iterator
 from typing import Any
 
-from ..runtime import Runtime
+from ..runtime import Launch, Launcher, Runtime
 from ..stream import Stream
 from .net import abort_tcp, reset_and_close
 
@@ -45,49 +52,62 @@ def chunks(source: Any) -> Iterator[bytes]:
 class Pipe:
     """Copies between one TCP socket and one stream until both directions are done.
 
-    ``run()`` copies stream to TCP in the calling task and TCP to stream in a
-    task of its own, joins it, and closes both ends. ``abort()`` (thread-safe,
-    idempotent) wakes both directions; the TCP side is then closed with a reset.
+    ``run()`` copies stream to TCP in the calling task while upload tasks copy
+    TCP to stream (started by ``launcher`` when the socket is readable); once
+    the stream has ended it carries the rest of the upload direction itself. It
+    returns once both directions are done and every task has been joined, with
+    both ends closed. ``abort()`` (thread-safe, idempotent) wakes both
+    directions; the TCP side is then closed with a reset.
     """
 
     __slots__ = (
         "_failed",
+        "_inline",
         "_label",
+        "_launcher",
+        "_launches",
         "_lock",
         "_rt",
         "_sending",
         "_sock",
         "_stream",
+        "_up_done",
         "bytes_down",
         "bytes_up",
     )
 
-    def __init__(self, rt: Runtime, sock: Any, stream: Stream, label: str) -> None:
+    def __init__(
+        self, rt: Runtime, launcher: Launcher, sock: Any, stream: Stream, label: str
+    ) -> None:
         self._rt = rt
+        self._launcher = launcher
         self._sock = sock
         self._stream = stream
         self._label = label
         self._lock = rt.lock()
         self._failed = False
+        self._inline = False  # the connection's own task carries the upload direction
         self._sending = False  # the down task is inside sock.sendall
+        self._up_done = False  # TCP EOF passed on as a FIN
+        self._launches: list[Launch] = []  # the watch, and upload tasks not yet joined
         self.bytes_up = 0  # TCP -> stream
         self.bytes_down = 0  # stream -> TCP
 
     def run(self) -> None:
         try:
-            up = self._rt.spawn(self._tcp_to_mux, f"pysmux-tunnel-up-{self._label}")
-        except BaseException as exc:  # out of threads: give up this connection only
-            self.abort(f"cannot start a task: {exc!r}")
-            self._close()
-            raise
-        try:
+            if self._rt.wait_readable(self._sock, 0) and not self._upload_first():
+                return  # aborted: ``finally`` ends both directions
+            self._watch()
             self._mux_to_tcp()
+            self._finish_up()
         except BaseException as exc:  # not an OSError: a bug, or the task being killed
             self.abort(f"stream->tcp: {exc!r}")
             raise
         finally:
-            up.join()
+            self._join_up()
             self._close()
+
+    # -- stream to TCP: the connection's own task -------------------------------------
 
     def _mux_to_tcp(self) -> None:
         sock, stream, lock = self._sock, self._stream, self._lock
@@ -110,21 +130,98 @@ class Pipe:
         except OSError as exc:
             self.abort(f"stream->tcp: {exc}")
 
-    def _tcp_to_mux(self) -> None:
-        sock, stream = self._sock, self._stream
+    # -- TCP to stream: tasks on demand ------------------------------------------------
+
+    def _watch(self) -> None:
+        """Have the next bytes (or EOF) of the TCP side start an upload task."""
+        with self._lock:
+            if self._failed or self._up_done or self._inline:
+                return
+            self._launches = [launch for launch in self._launches if launch.is_alive()]
+            try:
+                launch = self._launcher.when_readable(
+                    self._sock, self._tcp_to_mux, f"pysmux-tunnel-up-{self._label}", self._no_task
+                )
+            except (OSError, ValueError, RuntimeError) as exc:
+                error: BaseException | None = exc
+            else:
+                self._launches.append(launch)
+                return
+        self.abort(f"cannot watch the TCP side: {error!r}")
+
+    def _no_task(self, exc: BaseException) -> None:
+        """No upload task could start (out of threads): give up this connection only."""
+        self.abort(f"cannot start a task: {exc!r}")
+
+    def _upload_first(self) -> bool:
+        """Carry the bytes that are already waiting in this task (most clients speak
+        first: a request, a TLS hello), saving a task start; False if it failed."""
         try:
-            for data in chunks(sock):
+            data = self._sock.recv(BUFSIZE)
+            if not data:
+                self._tcp_eof()
+                return True
+            self._stream.sendall(data)
+            self.bytes_up += len(data)
+        except OSError as exc:
+            self.abort(f"tcp->stream: {exc}")
+            return False
+        return True
+
+    def _tcp_to_mux(self) -> None:
+        """An upload task (started once the socket is readable): copy while bytes keep
+        coming, then hand back to the watch."""
+        self._upload(self._launcher.linger)
+
+    def _upload(self, linger: float | None) -> None:
+        """Copy TCP to stream until EOF, or until nothing arrives within ``linger``
+        seconds (None: wait as long as it takes), then hand back to the watch."""
+        sock, stream, rt = self._sock, self._stream, self._rt
+        try:
+            while True:
+                data = sock.recv(BUFSIZE)
+                if not data:
+                    self._tcp_eof()
+                    return
                 stream.sendall(data)
                 self.bytes_up += len(data)
-            with self._lock:
-                if self._failed:  # the b"" came from abort() waking us: not an EOF
-                    return
-            stream.shutdown(socket.SHUT_WR)
+                if linger is not None and not rt.wait_readable(sock, linger):
+                    break
+            self._watch()
         except OSError as exc:
             self.abort(f"tcp->stream: {exc}")
         except Exception as exc:  # a bug: never leave the other direction hanging
             log.exception("%s: tcp->stream failed", self._label)
             self.abort(f"tcp->stream: {exc!r}")
+
+    def _tcp_eof(self) -> None:
+        with self._lock:
+            if self._failed:  # the b"" came from abort() waking us: not an EOF
+                return
+        self._stream.shutdown(socket.SHUT_WR)
+        with self._lock:
+            self._up_done = True
+
+    def _finish_up(self) -> None:
+        """The download direction is done: this task takes the upload direction over
+        (its last bytes and EOF need no task of their own)."""
+        self._join_up()
+        with self._lock:
+            if self._up_done or self._failed:
+                return
+        self._upload(None)
+
+    def _join_up(self) -> None:
+        """Stop watching, and join every upload task (a running one finishes its
+        burst; it starts no other)."""
+        with self._lock:
+            self._inline = True
+            launches, self._launches = self._launches, []
+        for launch in launches:
+            launch.cancel()
+            launch.join()
+
+    # -- ending ------------------------------------------------------------------------
 
     def abort(self, why: str = "tunnel closed") -> None:
         """Stop both directions; the TCP side will be reset, the stream closed (FIN)."""

@@ -4,8 +4,8 @@
 its own and hands each to the subclass (``_accepted``). It counts every task
 it starts, every mux session it holds and every carried connection, so that
 ``close()`` can end them all and join every task. Everything is bounded:
-``max_conns`` carried connections at once (more are refused at once), two
-tasks per carried connection.
+``max_conns`` carried connections at once (more are refused at once), at most
+two tasks per carried connection (one while it is idle).
 """
 
 from __future__ import annotations
@@ -19,7 +19,7 @@ from collections.abc import Callable, Iterable
 from typing import Any, TypeVar
 
 from ..config import Config
-from ..runtime import Runtime, Task, get_runtime
+from ..runtime import Launcher, Runtime, Task, get_runtime
 from ..session import Session
 from ..stream import Stream
 from .net import (
@@ -98,6 +98,9 @@ class Service:
         self._backlog = backlog
         self._allow = None if allow is None else Allow(allow)
         self._rt = rt = get_runtime(runtime)
+        for need in ("launcher", "wait_readable"):
+            if not callable(getattr(rt, need, None)):
+                raise TypeError(f"runtime {rt!r} has no {need}(), which a tunnel needs")
         self._net = Net(rt)
         self._lock = rt.lock()
         self._cond = rt.condition(self._lock)
@@ -118,6 +121,8 @@ class Service:
         # Running totals: the tunnel's own, and those of its sessions that ended.
         self._counts: dict[str, int] = dict.fromkeys(self._COUNTERS, 0)
         self._ended_sessions: dict[str, int] = {}
+        # Starts the upload tasks of carried connections (made with the first one).
+        self._launcher: Launcher | None = None
 
     # -- public --------------------------------------------------------------------
 
@@ -274,6 +279,8 @@ class Service:
             ended, self._ended = self._ended, []
         for task in ended:
             task.join(max(0.0, deadline - rt.monotonic()))
+        if self._launcher is not None:
+            self._launcher.close()
         if stuck:  # pragma: no cover - a task ignoring every wake-up
             log.warning("%s: %d task(s) still running after close()", type(self).__name__, stuck)
         if listener is not None:
@@ -451,7 +458,10 @@ class Service:
                 if exc.errno not in TRANSIENT_ACCEPT_ERRORS:
                     # EMFILE and friends: the process is short of something; the
                     # connections already carried go on, new ones wait a moment.
-                    log.error("accept on %s failed: %s", format_address(self.address), exc)
+                    hint = ""
+                    if exc.errno in (errno.EMFILE, errno.ENFILE):
+                        hint = " (raise the open-file limit, ulimit -n, or lower max_conns)"
+                    log.error("accept on %s failed: %s%s", format_address(self.address), exc, hint)
                     if self._pause(_ACCEPT_ERROR_PAUSE):
                         return
                 continue
@@ -477,7 +487,19 @@ class Service:
 
     def _carry(self, sock: Any, stream: Stream, label: str) -> None:
         """Copy between ``sock`` and ``stream`` until both are done (or aborted)."""
-        pipe = Pipe(self._rt, sock, stream, label)
+        try:
+            with self._lock:
+                if self._launcher is None and not self._closed:
+                    self._launcher = self._rt.launcher()
+                launcher = self._launcher
+        except OSError as exc:  # no descriptor left for an epoll, say: retried next time
+            log.error("%s: reset: cannot watch connections: %s", label, exc)
+            launcher = None
+        if launcher is None:  # or closed before the first connection
+            reset_and_close(sock)
+            stream.close()
+            return
+        pipe = Pipe(self._rt, launcher, sock, stream, label)
         token = self._track(pipe.abort)
         if token is None:
             pipe.abort()
