@@ -300,4 +300,4 @@ def test_echo_probe_that_gets_other_bytes_says_so(
         runtime=runtime, probe_timeout=0.5,
     )  # fmt: skip
     assert not report.responsive
-    assert "echo returned" in report.probe_before["first_failure"], report.text()
+    assert "echo returned 32 bytes other than those sent" in report.probe_before["first_failure"]
