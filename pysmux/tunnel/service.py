@@ -39,8 +39,10 @@ log = logging.getLogger("pysmux.tunnel")
 
 #: How long ``close()`` waits for the tasks of a tunnel to end.
 _CLOSE_SECONDS = 10.0
-#: Pause after a failed ``accept`` (out of file descriptors, say) before the next one.
+#: Pause after a failed ``accept`` (out of file descriptors, say) before the next one;
+#: it doubles while accept keeps failing, up to the second figure.
 _ACCEPT_ERROR_PAUSE = 0.1
+_ACCEPT_ERROR_PAUSE_MAX = 1.0
 
 #: What ``Session.stats()`` reports that is a level now, not a running total.
 SESSION_GAUGES = frozenset({"streams", "buffered_bytes"})
@@ -442,6 +444,7 @@ class Service:
 
     def _accept_all(self) -> None:
         listener = self._listener
+        pause = _ACCEPT_ERROR_PAUSE
         while True:
             try:
                 sock, peer = listener.accept()
@@ -450,11 +453,15 @@ class Service:
                     return
                 if exc.errno not in TRANSIENT_ACCEPT_ERRORS:
                     # EMFILE and friends: the process is short of something; the
-                    # connections already carried go on, new ones wait a moment.
+                    # connections already carried go on, new ones wait. Linux fails
+                    # accept() at once while no descriptor is free, connection or not:
+                    # wait longer each time (up to a second), not to spin or flood the log.
                     log.error("accept on %s failed: %s", format_address(self.address), exc)
-                    if self._pause(_ACCEPT_ERROR_PAUSE):
+                    if self._pause(pause):
                         return
+                    pause = min(pause * 2, _ACCEPT_ERROR_PAUSE_MAX)
                 continue
+            pause = _ACCEPT_ERROR_PAUSE
             sock.settimeout(None)
             if self._draining:  # accepted just before the listener shut
                 self._count("connections_refused")
