@@ -5,17 +5,23 @@ server also in-process, on both runtimes."""
 
 from __future__ import annotations
 
+import contextlib
+import itertools
 import json
+import os
 import re
+import resource
 import signal
 import socket
 import struct
 from collections.abc import Callable
+from datetime import datetime
 from pathlib import Path
 from typing import Any
 
 import pytest
 
+import pysmux
 from pysmux.metrics import MetricsServer
 from tests.runtimes import current
 from tests_e2e import test_cli
@@ -78,6 +84,125 @@ def test_cli_second_signal_exits_at_once(
     finally:
         sock.close()
     server.assert_clean_exit(signal.SIGTERM, within=30)
+
+
+def free_fds(pid: int, count: int) -> list[int]:
+    """The ``count`` lowest descriptor numbers process ``pid`` has free: the next ones it
+    gets (the limit on descriptors bounds their numbers, not how many are open)."""
+    used = {int(name) for name in os.listdir(f"/proc/{pid}/fd")}
+    free = (n for n in range(len(used) + count + 1) if n not in used)
+    return [next(free) for _ in range(count)]
+
+
+def leave_fds(pid: int, count: int) -> None:
+    """Let process ``pid`` open ``count`` more descriptors, then get EMFILE."""
+    _, hard = resource.prlimit(pid, resource.RLIMIT_NOFILE)
+    resource.prlimit(pid, resource.RLIMIT_NOFILE, (free_fds(pid, count + 1)[-1], hard))
+
+
+def echo_once(session: pysmux.Session, data: bytes) -> bytes:
+    st = session.open_stream()
+    try:
+        st.settimeout(30)
+        st.sendall(data)
+        return recv_exactly(st, len(data))
+    finally:
+        st.close()
+
+
+@CHILD
+@CHILD_RUNTIMES
+@pytest.mark.skipif(
+    not (hasattr(resource, "prlimit") and os.path.isdir("/proc/self/fd")),
+    reason="lowers a child's descriptor limit with prlimit and counts its /proc fds (Linux)",
+)
+def test_cli_out_of_descriptors_keeps_serving_and_accepts_again(
+    runtime: str, child: str, cli: Callable[..., Cli]
+) -> None:
+    """A server that runs out of file descriptors (EMFILE) logs the failed accept, keeps
+    serving the mux connections it has, retries with a growing pause (Linux fails
+    ``accept`` at once while no descriptor is free, so a fixed pause would log ten lines a
+    second), and accepts new connections as soon as descriptors are free again."""
+    server = cli("echo", "-l", "127.0.0.1:0", "--runtime", child)
+    address = server.address()
+    pid = server.proc.pid
+    harness = current()
+    first_sock = harness.connect(address, timeout=10)
+    first = pysmux.client(first_sock, runtime=runtime)
+    try:
+        assert echo_once(first, b"one") == b"one"
+        server.wait_lines(r"mux connection from", stderr=True)
+        server.wait_lines(r"mux connections: plain TCP", stderr=True)  # done starting up
+        leave_fds(pid, 0)
+        # A connection now is either accepted on the descriptor a blocked accept() took
+        # before the limit fell (threads: its session then cannot start and it is reset)
+        # or not accepted at all (gevent accepts only once a connection is waiting).
+        with harness.connect(address, timeout=10) as probe:
+            probe.settimeout(1)
+            with contextlib.suppress(ConnectionResetError, TimeoutError):
+                probe.recv(100)
+        server.wait_lines(r"ERROR pysmux\.tunnel: accept on .* failed: .*Too many open files",
+                          stderr=True)  # fmt: skip
+        assert echo_once(first, b"still") == b"still"  # the first one is served meanwhile
+        failed = server.wait_lines(r"^\S+ (\S+) ERROR pysmux\.tunnel: accept on .* failed",
+                                   count=5, stderr=True)  # fmt: skip
+        at = [datetime.strptime(m.group(1), "%H:%M:%S,%f") for m in failed]
+        gaps = [(b - a).total_seconds() for a, b in itertools.pairwise(at)]
+        # 0.1, 0.2, 0.4, 0.8 s (give or take the clock): the pause doubles.
+        assert sum(gaps) >= 1.2, f"accept retried every {gaps} s: no backoff"
+    finally:
+        first.close()  # frees its descriptors
+        first_sock.close()
+    sock = harness.connect(address, timeout=10)
+    again = pysmux.client(sock, runtime=runtime)
+    try:
+        assert echo_once(again, b"again") == b"again"
+    finally:
+        again.close()
+        sock.close()
+    server.send_signal(signal.SIGTERM)
+    assert server.wait(20) == 0, server.describe()
+
+
+@CHILD
+@pytest.mark.skipif(
+    not (hasattr(resource, "prlimit") and os.path.isdir("/proc/self/fd")),
+    reason="lowers a child's descriptor limit with prlimit and counts its /proc fds (Linux)",
+)
+def test_cli_a_session_that_cannot_start_resets_its_connection(
+    runtime: str, cli: Callable[..., Cli]
+) -> None:
+    """A server that can accept a connection but has no descriptor left for its session
+    (on threads a session needs one for its wake-up fd; greenlet sessions need none) resets
+    that connection at once and says why: the client is not left hanging until its
+    keepalive timeout, and the descriptor is not leaked (the next connection works once
+    descriptors are free again)."""
+    server = cli("echo", "-l", "127.0.0.1:0", "--runtime", "thread")
+    address = server.address()
+    pid = server.proc.pid
+    harness = current()
+    server.wait_lines(r"mux connections: plain TCP", stderr=True)  # done starting up
+    leave_fds(pid, 1)  # the accepted socket, and nothing for its session
+    sock = harness.connect(address, timeout=10)
+    try:
+        sock.settimeout(10)
+        with contextlib.suppress(ConnectionResetError):
+            while sock.recv(100):  # the hello NOP, then the reset
+                pass
+    finally:
+        sock.close()
+    server.wait_lines(r"WARNING pysmux\.tunnel: mux connection from .*: cannot start its "
+                      r"session: .*Too many open files", stderr=True)  # fmt: skip
+    leave_fds(pid, 2)
+    sock = harness.connect(address, timeout=10)
+    session = pysmux.client(sock, runtime=runtime)
+    try:
+        assert echo_once(session, b"works") == b"works"
+    finally:
+        session.close()
+        sock.close()
+    server.send_signal(signal.SIGTERM)
+    assert server.wait(20) == 0, server.describe()
 
 
 # ---------------------------------------------------------------------------
