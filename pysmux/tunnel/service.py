@@ -328,11 +328,14 @@ class Service:
 
         try:
             task = self._rt.spawn(run, name)
-        except RuntimeError as exc:  # "can't start new thread": refuse this piece of work
-            log.error("%s: cannot start a task for %s: %s", type(self).__name__, name, exc)
-            with self._lock:
+        except BaseException as exc:
+            with self._lock:  # nothing started: close() must not wait for it
                 self._tasks.pop(tid, None)
                 self._cond.notify_all()
+            if not isinstance(exc, RuntimeError):
+                raise
+            # "can't start new thread": refuse this piece of work
+            log.error("%s: cannot start a task for %s: %s", type(self).__name__, name, exc)
             return False
         with self._lock:
             if tid in self._tasks:
