@@ -265,11 +265,17 @@ def test_attack_takes_the_version_of_its_config_and_its_byte_budget(
     assert report.version == 2, report.text()
     assert not any("skipped" in n for n in report.observed["notes"]), report.text()
     assert report.responsive, report.text()
-    small = AttackSettings(duration=0.3, streams=5000, max_bytes=8 * 1000)
-    report = run_attack(srv.address, "syn-flood", settings=small, probe="none", runtime=runtime)
+    # A server that holds 100 streams refuses the rest at once, so the flood ends soon.
+    few = EchoServer("127.0.0.1:0", config=Config(max_streams=100), runtime=runtime)
+    tunnels.append(few)
+    few.start()
+    # SYNs go out in batches of 4096 (32 KiB): the budget lets three through, not five.
+    small = AttackSettings(duration=0.3, streams=20_000, max_bytes=100_000)
+    report = run_attack(few.address, "syn-flood", settings=small, probe="none", runtime=runtime)
     assert report.version == 1
-    assert report.observed["bytes_sent"] <= 8 * 1000, report.text()
-    assert report.observed["frames_sent"] < 5000, report.text()
+    assert report.observed["bytes_sent"] <= 100_000, report.text()
+    assert report.observed["frames_sent"] == 3 * 4096, report.text()
+    assert report.observed["refused_streams"] >= report.observed["frames_sent"] - 100
 
 
 def test_rpc_probe_that_gets_wrong_answers_stops_the_attack(
