@@ -110,6 +110,16 @@ def echo_once(session: pysmux.Session, data: bytes) -> bytes:
         st.close()
 
 
+def echo_on_a_new_connection(address: tuple[str, int], runtime: str, data: bytes) -> bytes:
+    sock = current().connect(address, timeout=10)
+    session = pysmux.client(sock, runtime=runtime)
+    try:
+        return echo_once(session, data)
+    finally:
+        session.close()
+        sock.close()
+
+
 @CHILD
 @CHILD_RUNTIMES
 @pytest.mark.skipif(
@@ -153,13 +163,7 @@ def test_cli_out_of_descriptors_keeps_serving_and_accepts_again(
     finally:
         first.close()  # frees its descriptors
         first_sock.close()
-    sock = harness.connect(address, timeout=10)
-    again = pysmux.client(sock, runtime=runtime)
-    try:
-        assert echo_once(again, b"again") == b"again"
-    finally:
-        again.close()
-        sock.close()
+    assert echo_on_a_new_connection(address, runtime, b"again") == b"again"
     server.send_signal(signal.SIGTERM)
     assert server.wait(20) == 0, server.describe()
 
@@ -194,13 +198,7 @@ def test_cli_a_session_that_cannot_start_resets_its_connection(
     server.wait_lines(r"WARNING pysmux\.tunnel: mux connection from .*: cannot start its "
                       r"session: .*Too many open files", stderr=True)  # fmt: skip
     leave_fds(pid, 2)
-    sock = harness.connect(address, timeout=10)
-    session = pysmux.client(sock, runtime=runtime)
-    try:
-        assert echo_once(session, b"works") == b"works"
-    finally:
-        session.close()
-        sock.close()
+    assert echo_on_a_new_connection(address, runtime, b"works") == b"works"
     server.send_signal(signal.SIGTERM)
     assert server.wait(20) == 0, server.describe()
 

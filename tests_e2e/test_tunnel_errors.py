@@ -91,6 +91,20 @@ def echo_or_reset(addr: Addr, data: bytes) -> bytes | None:
         sock.close()
 
 
+def tunnel(
+    runtime: Any, tunnels: list[Any], target: Addr, **server_kw: Any
+) -> tuple[TunnelServer, TunnelClient]:
+    """A started TunnelServer (``server_kw``) to ``target`` and a TunnelClient connected to it."""
+    srv = TunnelServer("127.0.0.1:0", target, runtime=runtime, **server_kw)
+    tunnels.append(srv)
+    srv.start()
+    cli = TunnelClient("127.0.0.1:0", srv.address, runtime=runtime)
+    tunnels.append(cli)
+    cli.start()
+    assert cli.wait_connected(timeout=10)
+    return srv, cli
+
+
 class FlakyRuntime:
     """The test's runtime, except that ``spawn`` can be told to fail, as in a process that
     is out of threads (CPython raises ``RuntimeError("can't start new thread")``).
@@ -214,13 +228,7 @@ def test_max_sessions_resets_one_mux_connection_too_many(
     """A server at ``max_sessions`` resets the next mux connection at once (and says so);
     the sessions it holds carry on."""
     echo = target()
-    srv = TunnelServer("127.0.0.1:0", echo.address, runtime=runtime, max_sessions=1)
-    tunnels.append(srv)
-    srv.start()
-    cli = TunnelClient("127.0.0.1:0", srv.address, runtime=runtime)
-    tunnels.append(cli)
-    cli.start()
-    assert cli.wait_connected(timeout=10)
+    srv, cli = tunnel(runtime, tunnels, echo.address, max_sessions=1)
     wait_until(lambda: srv.sessions == 1, 10, "the server holds the session")
     assert echo_or_reset(srv.address, b"hello") is None
     wait_logged(caplog, "max_sessions=1 reached")
@@ -287,13 +295,7 @@ def test_server_refuses_a_stream_past_max_conns(
     has no reset: the TCP client sees an EOF without data), counts and logs it; once a
     connection ends the next one is carried."""
     echo = target()
-    srv = TunnelServer("127.0.0.1:0", echo.address, runtime=runtime, max_conns=1)
-    tunnels.append(srv)
-    srv.start()
-    cli = TunnelClient("127.0.0.1:0", srv.address, runtime=runtime)
-    tunnels.append(cli)
-    cli.start()
-    assert cli.wait_connected(timeout=10)
+    srv, cli = tunnel(runtime, tunnels, echo.address, max_conns=1)
     first = connect(cli.address)
     try:
         first.sendall(b"held")
