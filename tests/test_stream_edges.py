@@ -14,18 +14,11 @@ import pytest
 
 import pysmux
 from pysmux import frame
+from tests import test_stream_api
 from tests.util import recv_exact, wait_until
 
-
-@pytest.fixture
-def streams(pair: Any) -> tuple[pysmux.Stream, pysmux.Stream]:
-    """A connected (client stream, server stream) over a fresh v1 pair."""
-    client, server = pair()
-    st = client.open_stream()
-    st.sendall(b"?")
-    peer = server.accept_stream(timeout=5)
-    assert peer.recv(1) == b"?"
-    return st, peer
+# A connected (client stream, server stream) over a fresh v1 pair.
+streams = test_stream_api.streams
 
 
 def test_flags_are_refused_and_the_data_stays(streams: tuple[pysmux.Stream, pysmux.Stream]) -> None:
