@@ -40,6 +40,7 @@ from typing import Any
 from .cli_options import Flag, add_flags, add_remote, positive_int, positive_seconds
 from .config import Config
 from .dialer import Dialer
+from .errors import SessionClosedError
 from .loadstats import LatencyHistogram, ProgressLine, format_bytes
 from .rpc.client import RpcChannel
 from .runtime import Runtime
@@ -326,7 +327,10 @@ class LoadGenerator:
                     if channel is not None:
                         self._end(channel, tally, clean=False)
                         channel = None
-                    if session.closed:
+                    # A session that can no longer write (closed, or its transport
+                    # failed while it still reads to the end) never recovers: stop, and
+                    # do not spin on it (on gevent that would starve its reader).
+                    if session.closed or isinstance(exc, SessionClosedError):
                         return
         finally:
             if channel is not None:

@@ -178,8 +178,10 @@ class Probe:
         got = b""
         while len(got) < len(data) and (chunk := self._stream.recv(len(data) - len(got))):
             got += chunk
-        if got != data:
+        if len(got) != len(data):
             raise OSError(f"probe {n}: echo returned {len(got)} bytes, not the 32 sent")
+        if got != data:
+            raise OSError(f"probe {n}: echo returned 32 bytes other than those sent")
 
     def _drop(self) -> None:
         if self._stream is not None:

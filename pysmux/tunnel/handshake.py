@@ -24,6 +24,7 @@ from ..session import Session
 from ..session import client as mux_client
 from ..session import server as mux_server
 from .guard import MAGIC as KEY_MAGIC
+from .net import abort_tcp
 
 __all__ = ["describe_bytes", "describe_end", "describe_loss", "start_session"]
 
@@ -33,15 +34,19 @@ log = logging.getLogger("pysmux.tunnel")
 def start_session(sock: Any, config: Config, rt: Runtime, *, is_client: bool) -> Session:
     """Write the NOP hello on a connection ready for smux, then start its session.
 
-    ``OSError`` (the socket is closed) if the hello cannot be written.
+    ``OSError`` if the hello cannot be written or the session cannot start (out of
+    file descriptors, say); the socket is closed then, with a reset (the peer has the
+    hello and must not take the close for a clean end) that also wakes a task of the
+    half-started session blocked on it (its reader may be running already).
     """
+    start = mux_client if is_client else mux_server
     try:
         sock.sendall(encode_header(config.version, CMD_NOP, 0, 0))
-    except OSError:
+        return start(sock, config=config, runtime=rt)
+    except BaseException:
+        abort_tcp(sock, sending=True)
         sock.close()
         raise
-    start = mux_client if is_client else mux_server
-    return start(sock, config=config, runtime=rt)
 
 
 def describe_bytes(data: bytes) -> str:

@@ -9,6 +9,7 @@
 
 from __future__ import annotations
 
+import errno
 import functools
 import logging
 import socket
@@ -36,6 +37,9 @@ def _abort_holder(holder: list[Any]) -> None:
 __all__ = ["EchoServer", "MuxServer", "TunnelServer"]
 
 log = logging.getLogger("pysmux.tunnel")
+
+#: Errors of a peer that left before its session started (not this end's trouble).
+_PEER_GONE = frozenset({errno.EPIPE, errno.ECONNRESET, errno.ENOTCONN, errno.EBADF})
 
 
 class MuxServer(Service):
@@ -225,7 +229,10 @@ class MuxServer(Service):
         try:
             session = start_session(transport, self._config, self._rt, is_client=False)
         except OSError as exc:
-            log.info("mux connection from %s: gone before it started: %s", where, exc)
+            if exc.errno in _PEER_GONE:
+                log.info("mux connection from %s: gone before it started: %s", where, exc)
+            else:  # this end's trouble (out of descriptors, say): the operator's business
+                log.warning("mux connection from %s: cannot start its session: %s", where, exc)
             return
         token = self._track_session(session)
         if token is None:

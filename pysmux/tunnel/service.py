@@ -39,8 +39,10 @@ log = logging.getLogger("pysmux.tunnel")
 
 #: How long ``close()`` waits for the tasks of a tunnel to end.
 _CLOSE_SECONDS = 10.0
-#: Pause after a failed ``accept`` (out of file descriptors, say) before the next one.
+#: Pause after a failed ``accept`` (out of file descriptors, say) before the next one;
+#: it doubles while accept keeps failing, up to the second figure.
 _ACCEPT_ERROR_PAUSE = 0.1
+_ACCEPT_ERROR_PAUSE_MAX = 1.0
 
 #: What ``Session.stats()`` reports that is a level now, not a running total.
 SESSION_GAUGES = frozenset({"streams", "buffered_bytes"})
@@ -333,11 +335,14 @@ class Service:
 
         try:
             task = self._rt.spawn(run, name)
-        except RuntimeError as exc:  # "can't start new thread": refuse this piece of work
-            log.error("%s: cannot start a task for %s: %s", type(self).__name__, name, exc)
-            with self._lock:
+        except BaseException as exc:
+            with self._lock:  # nothing started: close() must not wait for it
                 self._tasks.pop(tid, None)
                 self._cond.notify_all()
+            if not isinstance(exc, RuntimeError):
+                raise
+            # "can't start new thread": refuse this piece of work
+            log.error("%s: cannot start a task for %s: %s", type(self).__name__, name, exc)
             return False
         with self._lock:
             if tid in self._tasks:
@@ -449,6 +454,7 @@ class Service:
 
     def _accept_all(self) -> None:
         listener = self._listener
+        pause = _ACCEPT_ERROR_PAUSE
         while True:
             try:
                 sock, peer = listener.accept()
@@ -457,14 +463,18 @@ class Service:
                     return
                 if exc.errno not in TRANSIENT_ACCEPT_ERRORS:
                     # EMFILE and friends: the process is short of something; the
-                    # connections already carried go on, new ones wait a moment.
+                    # connections already carried go on, new ones wait. Linux fails
+                    # accept() at once while no descriptor is free, connection or not:
+                    # wait longer each time (up to a second), not to spin or flood the log.
                     hint = ""
                     if exc.errno in (errno.EMFILE, errno.ENFILE):
                         hint = " (raise the open-file limit, ulimit -n, or lower max_conns)"
                     log.error("accept on %s failed: %s%s", format_address(self.address), exc, hint)
-                    if self._pause(_ACCEPT_ERROR_PAUSE):
+                    if self._pause(pause):
                         return
+                    pause = min(pause * 2, _ACCEPT_ERROR_PAUSE_MAX)
                 continue
+            pause = _ACCEPT_ERROR_PAUSE
             sock.settimeout(None)
             if self._draining:  # accepted just before the listener shut
                 self._count("connections_refused")
