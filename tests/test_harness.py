@@ -77,6 +77,9 @@ def child_pytest(
     (tmp_path / "pytest.ini").write_text("[pytest]\nfilterwarnings =\n    error\n")
     (tmp_path / "test_probes.py").write_text(probes)
     env["PYSMUX_TEST_RUNTIME"] = "thread,gevent"
+    # The probes need the root conftest alone: no installed plugin (Hypothesis', coverage's,
+    # ...), whose loading was most of each child's start-up.
+    env["PYTEST_DISABLE_PLUGIN_AUTOLOAD"] = "1"
     return subprocess.run(
         [sys.executable, "-m", "pytest", "-q", report, "-p", "no:cacheprovider", "test_probes.py"],
         cwd=tmp_path,

@@ -1,13 +1,16 @@
 """Fixtures of the end-to-end tests: the Go peer binary, peer processes, TCP sessions.
 
-The Go peer is built once per test run, offline, from Debian's
-golang-github-xtaci-smux-dev (GOPATH mode: that package has no dependency
-outside the standard library). Without a ``go`` binary the Go tests are
-skipped, except when ``CI=true``, where they fail.
+The Go peer is built offline from Debian's golang-github-xtaci-smux-dev
+(GOPATH mode: that package has no dependency outside the standard library),
+at most once per test run, and kept in pytest's cache (``.pytest_cache``) under
+a name made from everything it is built from, so that the next run on the same
+tree (CI's monkey-patched pass, say) reuses it. Without a ``go`` binary the Go
+tests are skipped, except when ``CI=true``, where they fail.
 """
 
 from __future__ import annotations
 
+import hashlib
 import os
 import shutil
 import subprocess
@@ -32,9 +35,24 @@ def _unavailable(reason: str) -> None:
     pytest.skip(f"Go interop tests need the Go peer: {reason}")
 
 
+def _gopeer_build_key(go: str) -> str:
+    """A digest of what the gopeer binary is built from: its source, Go smux's, the
+    toolchain (``go version``). A binary of the same key is the same build."""
+    digest = hashlib.sha256()
+    version = subprocess.run(
+        [go, "version"], capture_output=True, text=True, timeout=60, check=True
+    ).stdout
+    digest.update(version.encode())
+    for source in [*sorted((HERE / "gopeer").glob("*.go")), *sorted(GO_SMUX_SOURCE.glob("*.go"))]:
+        digest.update(f"{source.name}:{source.stat().st_size}:".encode())
+        digest.update(source.read_bytes())
+    return digest.hexdigest()[:16]
+
+
 @pytest.fixture(scope="session")
-def gopeer_binary(tmp_path_factory: pytest.TempPathFactory) -> str:
-    """Path of the gopeer binary, built once per run without network access."""
+def gopeer_binary(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory) -> str:
+    """Path of the gopeer binary, built without network access unless pytest's cache
+    holds one built from the same sources and toolchain."""
     go = shutil.which("go")
     if go is None:
         _unavailable("no `go` on PATH (apt-get install golang-go)")
@@ -42,8 +60,13 @@ def gopeer_binary(tmp_path_factory: pytest.TempPathFactory) -> str:
         _unavailable(
             f"no Go smux source in {GO_SMUX_SOURCE} (apt-get install golang-github-xtaci-smux-dev)"
         )
-    work = tmp_path_factory.mktemp("gopeer")
-    binary = work / "gopeer"
+    assert go is not None
+    cache = getattr(request.config, "cache", None)  # None under -p no:cacheprovider
+    kept = cache.mkdir("gopeer") if cache is not None else tmp_path_factory.mktemp("gopeer")
+    binary = kept / f"gopeer-{_gopeer_build_key(go)}"
+    if binary.is_file():
+        return str(binary)
+    work = tmp_path_factory.mktemp("gopeer-build")
     env = dict(os.environ)
     env.update(
         GO111MODULE="off",  # GOPATH mode: imports come from the Debian source tree
@@ -54,9 +77,9 @@ def gopeer_binary(tmp_path_factory: pytest.TempPathFactory) -> str:
         GOTOOLCHAIN="local",
         CGO_ENABLED="0",
     )
-    assert go is not None
+    partial = kept / f"building-{os.getpid()}"
     build = subprocess.run(
-        [go, "build", "-o", str(binary), "."],
+        [go, "build", "-o", str(partial), "."],
         cwd=HERE / "gopeer",
         env=env,
         capture_output=True,
@@ -66,6 +89,9 @@ def gopeer_binary(tmp_path_factory: pytest.TempPathFactory) -> str:
     )
     if build.returncode != 0:
         pytest.fail(f"building gopeer failed:\n{build.stdout}\n{build.stderr}", pytrace=False)
+    for stale in kept.glob("gopeer-*"):  # builds from older sources
+        stale.unlink(missing_ok=True)
+    os.replace(partial, binary)  # atomic: a concurrent run sees all of it or nothing
     return str(binary)
 
 
