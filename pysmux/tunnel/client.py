@@ -387,7 +387,15 @@ class TunnelClient(Service):
             stream, mux = opened
             log.debug("connection from %s: stream %d", where, stream.id)
             try:
-                self._carry(sock, stream, f"conn {where}/{stream.id}")
+                pipe = self._carry(sock, stream, f"conn {where}/{stream.id}")
+                if pipe is not None and pipe.reset_by_peer and not pipe.bytes_down:
+                    log.warning(
+                        "connection from %s reset: stream %d was reset before any reply "
+                        "(the server could not reach its target or refused the connection, "
+                        "or the mux connection ended; see the server's log)",
+                        where,
+                        stream.id,
+                    )
             finally:
                 with self._lock:
                     mux.carried -= 1

@@ -14,8 +14,9 @@ What a carried connection gets:
   ``sock.shutdown(SHUT_WR)``, and the other direction carries on;
 * a failure (the TCP peer resets, the mux connection dies, the tunnel closes)
   aborts both directions and resets the TCP side (:func:`.net.abort_tcp`): a
-  connection cut short is not shown to a TCP peer as a clean EOF. smux has no
-  stream reset, so across the mux a failure travels as a FIN.
+  connection cut short is not shown to a TCP peer as a clean EOF. Across the
+  mux it travels as a stream reset (``Stream.reset()``): a pysmux tunnel end
+  resets its TCP side in turn; a Go smux end, which has no reset, sees a FIN.
 
 Every task the pipe starts is joined before ``run()`` returns.
 """
@@ -28,6 +29,7 @@ import socket
 from collections.abc import Iterator
 from typing import Any
 
+from ..errors import StreamResetError
 from ..runtime import Launch, Launcher, Runtime
 from ..stream import Stream
 from .net import abort_tcp, reset_and_close
@@ -74,6 +76,7 @@ class Pipe:
         "_up_done",
         "bytes_down",
         "bytes_up",
+        "reset_by_peer",
     )
 
     def __init__(
@@ -92,6 +95,7 @@ class Pipe:
         self._launches: list[Launch] = []  # the watch, and upload tasks not yet joined
         self.bytes_up = 0  # TCP -> stream
         self.bytes_down = 0  # stream -> TCP
+        self.reset_by_peer = False  # the stream was reset (not ended with a FIN)
 
     def run(self) -> None:
         try:
@@ -127,6 +131,9 @@ class Pipe:
                 if self._failed:
                     return
             sock.shutdown(socket.SHUT_WR)
+        except StreamResetError as exc:
+            self.reset_by_peer = True
+            self.abort(f"stream->tcp: {exc}")
         except OSError as exc:
             self.abort(f"stream->tcp: {exc}")
 
@@ -224,7 +231,7 @@ class Pipe:
     # -- ending ------------------------------------------------------------------------
 
     def abort(self, why: str = "tunnel closed") -> None:
-        """Stop both directions; the TCP side will be reset, the stream closed (FIN)."""
+        """Stop both directions; the TCP side will be reset, and the stream."""
         with self._lock:
             first = not self._failed
             self._failed = True
@@ -233,14 +240,16 @@ class Pipe:
             log.debug("%s: aborted: %s", self._label, why)
         abort_tcp(self._sock, sending)
         with contextlib.suppress(OSError):
-            self._stream.close()
+            self._stream.reset()
 
     def _close(self) -> None:
-        with contextlib.suppress(OSError):
-            self._stream.close()
         if self._failed:
+            with contextlib.suppress(OSError):
+                self._stream.reset()
             reset_and_close(self._sock)
         else:
+            with contextlib.suppress(OSError):
+                self._stream.close()
             self._sock.close()
         log.debug(
             "%s: closed (%d bytes up, %d down%s)",

@@ -258,7 +258,7 @@ class MuxServer(Service):
                 if limit is not None and served[0] >= limit:
                     self._count("connections_refused")
                     log.warning("stream %s refused: max_session_streams=%d reached", label, limit)
-                    stream.close()
+                    stream.reset()
                     continue
                 if not self._reserve_conn():
                     if self._draining:
@@ -267,7 +267,7 @@ class MuxServer(Service):
                         log.warning(
                             "stream %s refused: max_conns=%d reached", label, self._max_conns
                         )
-                    stream.close()
+                    stream.reset()
                     continue
                 with self._lock:
                     served[0] += 1
@@ -276,7 +276,7 @@ class MuxServer(Service):
                     f"pysmux-tunnel-stream-{label}",
                 ):
                     self._stream_done(served)
-                    stream.close()
+                    stream.reset()
         finally:
             self._end_session(token)
             if not self._closed:
@@ -365,6 +365,7 @@ class TunnelServer(MuxServer):
             self._count("target_connect_failures")
             if not self._closed:
                 log.warning("stream %s: cannot connect to target %s: %s", label, target, exc)
+            stream.reset()  # the client resets its TCP connection: it did not complete
             return
         log.debug("stream %s: connected to %s", label, target)
         self._carry(sock, stream, f"stream {label}")

@@ -495,8 +495,9 @@ class Service:
         """A TCP connection to ``addr`` within ``timeout`` seconds; ``close()`` interrupts it."""
         return self._net.connect(addr, timeout, self._track, self._untrack, lambda: self._closed)
 
-    def _carry(self, sock: Any, stream: Stream, label: str) -> None:
-        """Copy between ``sock`` and ``stream`` until both are done (or aborted)."""
+    def _carry(self, sock: Any, stream: Stream, label: str) -> Pipe | None:
+        """Copy between ``sock`` and ``stream`` until both are done (or aborted);
+        the pipe that did it (None: nothing was carried)."""
         try:
             with self._lock:
                 if self._launcher is None and not self._closed:
@@ -507,8 +508,8 @@ class Service:
             launcher = None
         if launcher is None:  # or closed before the first connection
             reset_and_close(sock)
-            stream.close()
-            return
+            stream.reset()
+            return None
         pipe = Pipe(self._rt, launcher, sock, stream, label)
         token = self._track(pipe.abort)
         if token is None:
@@ -518,3 +519,4 @@ class Service:
         finally:
             if token is not None:
                 self._untrack(token)
+        return pipe
