@@ -230,6 +230,28 @@ def test_pysmux_client_shutdown_reaches_go_as_eof(
 
 
 @VERSIONS
+def test_pysmux_reset_reaches_go_as_eof_and_the_session_goes_on(
+    gopeer: StartPeer, net: Net, version: int
+) -> None:
+    """Go smux has no stream reset: pysmux's (an empty PSH, then the FIN) reaches a Go
+    server as a plain EOF after all the data, and the session carries on."""
+    size = 100_000
+    peer, sess = py_client(gopeer, net, version, ("-mode=sink", "-reply=0"))
+    for _ in range(2):
+        st = sess.open_stream()
+        st.settimeout(30)
+        send_pattern(st, st.id, size)
+        st.reset()
+        seen = peer.wait_for("stream", where=lambda e, sid=st.id: e["id"] == sid)[0]
+        assert (seen["bytes"], seen["sha256"], seen["err"]) == (
+            size,
+            pattern_sha256(st.id, size),
+            None,
+        ), peer.describe()
+    assert sess.error is None
+
+
+@VERSIONS
 def test_pysmux_server_shutdown_reaches_go_client_as_eof(
     gopeer: StartPeer, net: Net, version: int
 ) -> None:
