@@ -189,6 +189,7 @@ def test_a_stalled_syn_goes_on_once_the_application_accepts():
     assert not core.syn_stalled and not core.refusing
     stream = core.accept()
     assert stream.id == 3 and stream._take(2) == b"hi"
+    assert core.frames_received == 3  # the stalled SYN is counted once
 
 
 def test_a_syn_past_the_budget_is_refused_while_writers_wait_for_a_window():

@@ -138,7 +138,10 @@ class Inbound(SessionState[S]):
             self.frames_received += 1
             handler(self, stream_id, view[start + header_size : payload_end])
             if self.syn_stalled:
-                break  # this SYN waits for room in the accept queue
+                # This SYN waits for room in the accept queue; it is applied (and
+                # counted) again once there is some.
+                self.frames_received -= 1
+                break
             start = payload_end
         if start == end:
             start = self._rend = 0
