@@ -631,10 +631,13 @@ def raise_fd_limit(needed: int) -> str:
     if soft >= needed:
         return f"open-file limit {soft} (enough for {needed})"
     new = needed if hard == resource.RLIM_INFINITY else min(needed, hard)
-    resource.setrlimit(resource.RLIMIT_NOFILE, (new, hard))
-    note = f"open-file limit raised from {soft} to {new} (hard limit {hard})"
+    if new > soft:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (new, hard))
+        note = f"open-file limit raised from {soft} to {new} (hard limit {hard})"
+    else:
+        note = f"open-file limit {soft} (the hard limit)"
     if new < needed:
-        note += f"; {needed} wanted: raise the hard limit (ulimit -Hn) for the largest N"
+        note += f"; {needed} wanted for every process at the largest N: raise ulimit -Hn"
     return note
 
 
