@@ -9,10 +9,15 @@
 * SIGUSR1: log one line of the service's figures (:func:`pysmux.metrics.summary`).
 * A :class:`StatsLog` logs that line every ``interval`` seconds.
 
-Threads: ``signal.signal`` handlers run in the main thread between two of
-its bytecodes, where it may hold any lock, so they only set an event or
-start a task. gevent: the handlers must run in the hub
-(``gevent.signal_handler``) and the waits must let greenlets run.
+Threads: a Python signal handler runs in the main thread between two of its
+bytecodes, where it may hold any lock (``Event.wait`` holds its own for a few
+bytecodes: an ``Event.set()`` there deadlocks), and only once the main thread
+wakes, which it does not when the kernel hands the signal to another thread.
+So the Python handlers do nothing; the C-level handler writes each signal's
+number to a pipe (``signal.set_wakeup_fd``), whichever thread the kernel
+chose, and a thread of our own reads it and acts, where anything may be done.
+gevent (or a monkey-patched process): the handlers run in the hub
+(``gevent.signal_handler``) and the waits let greenlets run.
 """
 
 from __future__ import annotations
@@ -27,12 +32,12 @@ from types import FrameType
 from typing import Any
 
 from .metrics import summary
+from .runtime import Runtime, get_runtime, gevent_patched
 
 try:
     import resource
 except ImportError:  # pragma: no cover - not POSIX
     resource = None  # type: ignore[assignment]
-from .runtime import Runtime, get_runtime
 
 __all__ = [
     "FD_RESERVE",
@@ -47,7 +52,7 @@ __all__ = [
 
 log = logging.getLogger("pysmux.cli")
 
-_STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM)
+_SIGNALS = {signal.SIGINT, signal.SIGTERM, signal.SIGUSR1}
 
 #: Stack of each thread the command starts on the thread runtime. The OS default
 #: (often 8 MiB) is address space a tunnel's shallow threads never touch; with
@@ -98,7 +103,8 @@ def max_conns_for(open_files: int) -> int:
 class ProcessSignals:
     """Waits for SIGINT or SIGTERM; a second one ends the process at once (status 1).
 
-    ``on_stats`` runs in a task of its own on every SIGUSR1.
+    ``on_stats`` runs in a task of its own on every SIGUSR1. Make it in the main thread
+    (the only one that may set signal handlers).
     """
 
     def __init__(self, runtime: str, on_stats: Callable[[], None]) -> None:
@@ -107,21 +113,31 @@ class ProcessSignals:
         self._on_stats = on_stats
         self._restore: list[Any] = []
         self._event: Any
-        if runtime == "gevent":
+        self._watcher: threading.Thread | None = None
+        if runtime == "gevent" or gevent_patched():
             import gevent
             import gevent.event
 
             self._event = gevent.event.Event()
-            for sig in (*_STOP_SIGNALS, signal.SIGUSR1):
+            for sig in _SIGNALS:
                 self._restore.append(gevent.signal_handler(sig, self._fire, sig))
         else:
             self._event = threading.Event()
-            for sig in (*_STOP_SIGNALS, signal.SIGUSR1):
-                previous = signal.signal(sig, self._on_signal)
-                self._restore.append((sig, previous))
+            self._pipe = os.pipe()
+            os.set_blocking(self._pipe[1], False)
+            self._wakeup = signal.set_wakeup_fd(self._pipe[1], warn_on_full_buffer=False)
+            for sig in _SIGNALS:
+                self._restore.append((sig, signal.signal(sig, _ignore)))
+            self._watcher = threading.Thread(target=self._watch, name="pysmux-signals", daemon=True)
+            self._watcher.start()
 
-    def _on_signal(self, signum: int, frame: FrameType | None) -> None:
-        self._fire(signum)
+    def _watch(self) -> None:
+        while True:
+            for signum in os.read(self._pipe[0], 64):
+                if signum == 0:  # restore(): stop
+                    return
+                if signum in _SIGNALS:
+                    self._fire(signum)
 
     def _fire(self, signum: int) -> None:
         if signum == signal.SIGUSR1:
@@ -135,8 +151,7 @@ class ProcessSignals:
         self._event.set()
 
     def wait(self) -> None:
-        # A timeout keeps gevent's loop alive (its signal watchers do not) and
-        # lets the thread runtime's main thread run the Python signal handler.
+        # A timeout keeps gevent's loop alive (its signal watchers do not).
         while not self._event.wait(3600):
             pass
 
@@ -147,6 +162,17 @@ class ProcessSignals:
             else:
                 item.cancel()
         self._restore.clear()
+        watcher, self._watcher = self._watcher, None
+        if watcher is not None:
+            signal.set_wakeup_fd(self._wakeup)
+            os.write(self._pipe[1], b"\0")
+            watcher.join()
+            for fd in self._pipe:
+                os.close(fd)
+
+
+def _ignore(signum: int, frame: FrameType | None) -> None:
+    """The Python-level handler: the work is done by the thread that reads the wake-up pipe."""
 
 
 def log_stats(stats: Callable[[], Mapping[str, int]]) -> None:

@@ -14,6 +14,8 @@ import resource
 import signal
 import socket
 import struct
+import subprocess
+import sys
 from collections.abc import Callable
 from datetime import datetime
 from pathlib import Path
@@ -27,6 +29,7 @@ from tests.runtimes import current
 from tests_e2e import test_cli
 from tests_e2e.test_cli import (
     CHILD,
+    REPO,
     Cli,
     TcpTarget,
     addr_arg,
@@ -201,6 +204,56 @@ def test_cli_a_session_that_cannot_start_resets_its_connection(
     assert echo_on_a_new_connection(address, runtime, b"works") == b"works"
     server.send_signal(signal.SIGTERM)
     assert server.wait(20) == 0, server.describe()
+
+
+SIGNAL_ROUNDS = """
+import os, random, signal, sys, threading, time
+from pysmux.runner import ProcessSignals
+
+# Other threads of the process, blocked as a server's are (here: sleeping).
+threading.Thread(target=lambda: [time.sleep(0.5) for _ in range(400)], daemon=True).start()
+stats = []
+pid = os.getpid()
+for n in range(200):
+    signals = ProcessSignals("thread", lambda: stats.append(1))
+    go = threading.Event()
+    def send(delay=random.random() * 50e-6, usr1=n % 10 == 0):
+        go.wait()
+        if usr1:
+            os.kill(pid, signal.SIGUSR1)
+        end = time.perf_counter() + delay
+        while time.perf_counter() < end:
+            pass
+        os.kill(pid, signal.SIGTERM)
+    sender = threading.Thread(target=send)
+    sender.start()
+    go.set()
+    signals.wait()
+    sender.join()
+    signals.restore()
+deadline = time.monotonic() + 30
+while len(stats) < 20 and time.monotonic() < deadline:
+    time.sleep(0.01)
+print("rounds 200, stats", len(stats), flush=True)
+"""
+
+
+@pytest.mark.runtime_independent(reason="the subject runs in a child process")
+def test_a_stop_signal_from_any_thread_ends_the_wait(runtime: str) -> None:
+    """The command waits for SIGTERM in its main thread; the kernel may hand the signal to
+    any thread (here: the one that sends it), and it may land while the main thread holds
+    the lock of what it waits on. 200 rounds of a SIGTERM sent from another thread at
+    random moments around the start of the wait each end the wait at once (it used to
+    wait for its hour-long timeout: the Python handler runs only in the main thread, and
+    only once that thread wakes), and SIGUSR1 sent the same way runs the stats task."""
+    env = dict(os.environ)
+    env["PYTHONPATH"] = os.pathsep.join(p for p in (str(REPO), env.get("PYTHONPATH")) if p)
+    done = subprocess.run(
+        [sys.executable, "-c", SIGNAL_ROUNDS],
+        capture_output=True, text=True, timeout=100, env=env, check=False,
+    )  # fmt: skip
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.strip() == "rounds 200, stats 20", done.stdout + done.stderr
 
 
 # ---------------------------------------------------------------------------

@@ -17,6 +17,7 @@ from typing import Any
 import pytest
 
 import pysmux
+from pysmux.frame import CMD_NOP, encode_header
 from pysmux.runtime import Runtime, Task, get_runtime
 from pysmux.tunnel import EchoServer, TunnelClient, TunnelServer, format_address
 from tests.runtimes import current
@@ -39,6 +40,8 @@ target = test_cli.target
 tunnels = test_cli.tunnels
 
 ARGS = pytest.mark.runtime_independent(reason="checks arguments only; nothing starts")
+#: The NOP a tunnel end writes first on a mux connection (smux v1).
+HELLO_V1 = encode_header(1, CMD_NOP, 0, 0)
 KEY = "a key for the tunnel error tests"
 
 
@@ -357,6 +360,57 @@ def test_a_connection_whose_task_cannot_start_ends_and_the_tunnel_goes_on(
     # The error, with its cause (in the message, or in the traceback logged with it).
     wait_until(lambda: logged_error(caplog, "can't start new thread"), 10, "the failure logged")
     wait_until(lambda: cli.connections == 0 and srv.connections == 0, 10, "nothing held")
+    assert sha(echo_through(cli.address, data)) == sha(data)
+
+
+@pytest.mark.parametrize(
+    ("keyed", "nth"),
+    # With a key the first task is the handshake's; the raw peer here never gets further.
+    [(False, 1), (False, 2), (True, 1)],
+    ids=["session-task-1", "session-task-2", "handshake-task"],
+)
+def test_a_mux_connection_whose_task_cannot_start_is_dropped(
+    runtime: str,
+    nth: int,
+    keyed: bool,
+    target: Callable[..., TcpTarget],
+    tunnels: list[Any],
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """Out of threads while a server takes a new mux connection (its handshake task, or
+    a task of its session): that connection ends at once (reset, or closed), the error
+    is logged, no task of it is left behind (a leaked reader would fail this test), and
+    the next mux connection is served."""
+    echo = target()
+    flaky = FlakyRuntime(runtime)
+    key = KEY if keyed else None
+    srv = TunnelServer("127.0.0.1:0", echo.address, runtime=flaky, key=key, handshake_timeout=30)
+    tunnels.append(srv)
+    srv.start()
+    flaky.fail_spawn(nth, RuntimeError("can't start new thread"))
+    # The peer sends nothing and waits: the server's hello may come, then the end.
+    try:
+        raw = connect(srv.address)
+    except ConnectionResetError:
+        raw = None
+    if raw is not None:
+        try:
+            raw.settimeout(10)
+            got = b""
+            with contextlib.suppress(ConnectionResetError):
+                while chunk := raw.recv(4096):
+                    got += chunk
+            assert got in (b"", HELLO_V1)
+        finally:
+            raw.close()
+    assert flaky.failed.is_set()
+    wait_until(lambda: logged_error(caplog, "can't start new thread"), 10, "the failure logged")
+    wait_until(lambda: srv.sessions == 0 and srv.handshakes == 0, 10, "nothing held")
+    cli = TunnelClient("127.0.0.1:0", srv.address, runtime=runtime, key=key)
+    tunnels.append(cli)
+    cli.start()
+    assert cli.wait_connected(timeout=10)
+    data = payload(5000, 9)
     assert sha(echo_through(cli.address, data)) == sha(data)
 
 
