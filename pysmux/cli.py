@@ -364,14 +364,12 @@ def main(argv: Sequence[str] | None = None) -> int:
         except ImportError:
             command.error("--runtime gevent needs gevent: pip install 'pysmux[gevent]'")
     role = DIAL if args.command in _DIALLING else CLIENT if args.command == "client" else SERVER
+    open_files, sized_max_conns = 0, False
     if args.command in _SERVICES:
-        log.info("runtime: %s (%s)", args.runtime, why)
         open_files = size_process(args.runtime)
         if args.command in _CARRIERS and args.max_conns is None:
             args.max_conns = max_conns_for(open_files)
-            log.info(
-                "at most %d connections at once (open-file limit %d)", args.max_conns, open_files
-            )
+            sized_max_conns = True
     try:
         security = security_from_args(args, role) if args.command != "demo" else {}
         if args.command not in _TOOLS:
@@ -381,6 +379,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.command in _TOOLS:
         status: int = _TOOLS[args.command].run(args, config, security)
         return status
+    # The limits are logged once the flags passed every check (an error comes first).
+    if args.command in _SERVICES:
+        log.info("runtime: %s (%s)", args.runtime, why)
+        if sized_max_conns:
+            log.info(
+                "at most %d connections at once (open-file limit %d)", args.max_conns, open_files
+            )
     # Before listening: a signal from now on is graceful.
     signals = ProcessSignals(args.runtime, functools.partial(log_stats, service.stats))
     metrics: MetricsServer | None = None
