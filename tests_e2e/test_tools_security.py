@@ -171,7 +171,7 @@ def test_library_clients_reach_a_server_with_tls_and_a_key(
                                config=cfg, runtime=runtime, **secured)  # fmt: skip
             assert (summary.requests, summary.errors) == (300, 0), summary.text()
         report = run_attack(echo.address, "garbage-version", config=cfg, runtime=runtime,
-                            settings=AttackSettings(duration=0.5, version=2),
+                            settings=AttackSettings(duration=2, version=2),
                             **secured)  # fmt: skip
         assert report.responsive, report.text()
         assert report.observed["closed_by_server"] == 3, report.text()
