@@ -25,6 +25,7 @@ from pysmux.dialer import Dialer
 from pysmux.load import run_load
 from pysmux.rpc import RpcClient, RpcServer, register_builtins
 from pysmux.tunnel import EchoServer, HandshakeError, client_tls_context, server_tls_context
+from tests.util import sleep
 from tests_e2e.test_cli import Cli, addr_arg, cli  # noqa: F401 - a fixture
 from tests_e2e.test_security import KEY, Pki, pki  # noqa: F401 - a fixture
 
@@ -170,7 +171,7 @@ def test_library_clients_reach_a_server_with_tls_and_a_key(
                                config=cfg, runtime=runtime, **secured)  # fmt: skip
             assert (summary.requests, summary.errors) == (300, 0), summary.text()
         report = run_attack(echo.address, "garbage-version", config=cfg, runtime=runtime,
-                            settings=AttackSettings(duration=0.5, version=2),
+                            settings=AttackSettings(duration=2, version=2),
                             **secured)  # fmt: skip
         assert report.responsive, report.text()
         assert report.observed["closed_by_server"] == 3, report.text()
@@ -187,3 +188,26 @@ def test_library_clients_reach_a_server_with_tls_and_a_key(
         run_load(["127.0.0.1:1"], key="")
     with pytest.raises(ValueError, match="handshake_timeout"):
         RpcClient.connect("127.0.0.1:1", key=KEY, handshake_timeout=0)
+
+
+def test_slow_handshakes_do_not_eat_the_attack(
+    runtime: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Connecting is not part of an attack's duration: with handshakes slower than the
+    whole duration (a loaded machine, a far server), every hostile connection still gets
+    its frames sent and is closed for them."""
+    real = Dialer.transport
+
+    def slow_transport(self: Dialer, address: Any) -> Any:
+        sleep(0.6)  # stands for a slow TLS and key handshake; nothing waits on it
+        return real(self, address)
+
+    monkeypatch.setattr(Dialer, "transport", slow_transport)
+    cfg = Config(version=2)
+    with EchoServer("127.0.0.1:0", config=cfg, runtime=runtime, key=KEY) as server:
+        report = run_attack(server.address, "garbage-version", config=cfg, runtime=runtime,
+                            settings=AttackSettings(duration=1.0, version=2, conns=3),
+                            key=KEY)  # fmt: skip
+    assert report.responsive, report.text()
+    assert report.observed["connections"] == report.observed["frames_sent"] == 3, report.text()
+    assert report.observed["closed_by_server"] == 3, report.text()

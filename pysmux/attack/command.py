@@ -45,7 +45,8 @@ def _kinds(text: str) -> list[str]:
 
 #: The attack's bounds and the probe's pace.
 _FLAGS = (
-    Flag("--duration", positive_seconds, 3.0, "SECONDS", "how long each attack lasts at the most"),
+    Flag("--duration", positive_seconds, 3.0, "SECONDS",
+         "how long each attack lasts at the most, connecting not counted"),
     Flag("--conns", positive_int, None, "N", "hostile connections (default: 50 for slowloris, "
          "3 for garbage-version, 2 for huge-length, 1 otherwise)"),
     Flag("--streams", positive_int, 5000, "N", "SYNs per connection of syn-flood"),

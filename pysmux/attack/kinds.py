@@ -35,7 +35,8 @@ _FATE_GRACE = 30.0
 
 @dataclasses.dataclass(frozen=True)
 class AttackSettings:
-    """Bounds of an attack. ``conns`` None: the kind's own default."""
+    """Bounds of an attack. ``conns`` None: the kind's own default. ``duration`` does not
+    count the time spent opening connections (TLS and key handshakes included)."""
 
     duration: float = 3.0
     conns: int | None = None
@@ -71,9 +72,13 @@ class Run:
         rt = dialer.runtime
         self._nap_cond = rt.condition(rt.lock())
 
-    def connect(self, default: int) -> list[HostileConn]:
-        count = self.settings.conns or default
+    def connect(self, default: int, count: int | None = None) -> list[HostileConn]:
+        """Open ``count`` connections (default: ``conns``, else ``default``); the clock
+        stops meanwhile, so that a slow handshake leaves the attack its whole duration."""
+        count = count or self.settings.conns or default
+        began = time.monotonic()
         new = HostileConn.open_many(self.dialer, self.address, count)
+        self.deadline += time.monotonic() - began
         if len(new) < count:
             self.notes.append(f"only {len(new)} of {count} connections could be opened")
         self.conns += new
@@ -245,7 +250,7 @@ def garbage_version(run: Run) -> None:
     for k in range(run.settings.conns or 3):
         if k and time.monotonic() >= run.deadline:
             break
-        run.connect(1)  # one at a time: the attack waits for each to be closed
+        run.connect(1, count=1)  # one at a time: the attack waits for each to be closed
         conn = run.conns[-1]
         if conn.send(garbage, run.deadline):
             run.frames += 1
