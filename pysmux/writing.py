@@ -192,7 +192,9 @@ class WritePath:
         self.waiters.append(stream)
         try:
             while not stream._tx_granted:
-                if self._core.closed:
+                # After a failed write nobody holds the turn to pass it on, and the
+                # session ends only once its reader reaches the transport's end.
+                if self._core.closed or self._core.write_error is not None:
                     raise stream._send_error()
                 stream._wait(deadline)
         except BaseException:

@@ -22,8 +22,10 @@ from __future__ import annotations
 import contextlib
 import os
 import socket
+import sys
 import threading
 import time
+import traceback
 from collections import deque
 from collections.abc import Callable
 from typing import Any
@@ -124,7 +126,11 @@ class Worker:
     def _wait_done(self, timeout: float) -> None:
         self.join(timeout)
         if self.is_alive():
-            raise AssertionError(f"{self.name} still running after {timeout}s")
+            raise AssertionError(f"{self.name} still running after {timeout}s\n{self._where()}")
+
+    def _where(self) -> str:
+        """Where the task is now (its stack), for the failure message."""
+        return ""
 
     def result(self, timeout: float = 30.0) -> Any:
         self._wait_done(timeout)
@@ -149,6 +155,10 @@ class _ThreadWorker(Worker):
 
     def is_alive(self) -> bool:
         return self._thread.is_alive()
+
+    def _where(self) -> str:
+        frame = sys._current_frames().get(self._thread.ident or -1)
+        return "".join(traceback.format_stack(frame)) if frame is not None else ""
 
 
 class Harness:
@@ -270,6 +280,10 @@ class _GreenWorker(Worker):
 
     def is_alive(self) -> bool:
         return not self._greenlet.dead
+
+    def _where(self) -> str:
+        frame = self._greenlet.gr_frame
+        return "".join(traceback.format_stack(frame)) if frame is not None else ""
 
 
 class _GreenCondition:
