@@ -22,9 +22,13 @@
   current one. ``filterwarnings = error`` (setup.cfg) turns that warning,
   which surfaces through pytest's unraisable-exception hook because it is
   raised inside ``__del__``, into a test error. Both walk the collector's
-  objects: what exists once collection is done is frozen out of their way
-  (``gc.freeze``), so each test pays for what tests made, not for every
-  module loaded (it was half the time of the suite).
+  objects, so each test first collects and then freezes (``gc.freeze``)
+  what outlived the tests before it: modules, pytest's records and, under
+  coverage, a tracer object for every thread the run ever started. The
+  checks then walk only what the test made; walking it all cost more than
+  the tests themselves. (A long-lived object that becomes cyclic garbage
+  after it was frozen is never collected: memory only, as long as no fixture
+  that outlives a test holds an unclosed socket; none does.)
 * ``pair``: a factory of connected client/server sessions over a socketpair
   of the test's runtime; everything it makes is closed at teardown.
 """
@@ -62,14 +66,6 @@ def pytest_configure(config: pytest.Config) -> None:
             "CI=true and gevent is not installed, so every gevent test would be skipped: "
             "install it (pip install -e '.[gevent,test]')"
         )
-
-
-def pytest_collection_finish(session: pytest.Session) -> None:
-    # What exists now (modules, test functions, parameters) lives for the whole run:
-    # move it out of the collector's sight, so that the full collection and the
-    # greenlet census of every test (``_no_leaks``) only walk what tests made since.
-    gc.collect()
-    gc.freeze()
 
 
 def pytest_unconfigure(config: pytest.Config) -> None:
@@ -140,6 +136,8 @@ def _leaked_greenlets(before: set[int]) -> list[Any]:
 
 @pytest.fixture(autouse=True)
 def _no_leaks(runtime: str) -> Iterator[None]:
+    gc.collect()  # what earlier tests left: their garbage goes now, the rest is frozen
+    gc.freeze()
     threads_before = set(threading.enumerate())
     greenlets_before = {id(g) for g in runtimes.live_greenlets()}
     yield

@@ -67,9 +67,10 @@ def test_load_with_the_key_of_a_keyed_server(
     assert summary["conns"] == 3, summary
 
     # What a client without a key reads first (the server's key challenge, or the reset
-    # that answers its smux hello) is a race; the server always knows.
+    # that answers its smux hello), and so how its streams fail, is a race; the server
+    # always knows.
     status, summary = load(cli, *flags)
-    assert status == 1 and one_example(summary), summary
+    assert status == 1 and summary["requests"] == 0 and summary["errors"] >= 1, summary
     server.wait_lines(r"refused: no key proof", stderr=True)
     status, summary = load(cli, *flags, "--key", "not " + KEY)
     assert status == 1 and summary["conns"] == 0, summary
