@@ -191,12 +191,12 @@ class MuxServer(Service):
         try:
             transport = self._guard.server_side(holder[0], holder.append)
         except OSError as exc:
-            self._count("handshake_failures")
             reason = str(exc)
             if self._rt.monotonic() >= deadline:  # the timer cut it short
                 reason = f"handshake not done within {self._guard.timeout:g} s"
             if not self._closed:
                 log.warning("mux connection from %s refused: %s", where, reason)
+            self._count("handshake_failures")  # after the log: whoever waits for it sees why
             reset_and_close(holder[-1])
             return
         finally:
